@@ -1,0 +1,121 @@
+"""The tiered block cache facade: memory → disk → (cache group) → object store.
+
+Blocks are immutable and named by key, so a cached block is never stale and
+the tiers need no invalidation, only eviction. Concurrent misses for one key
+share a single fetch.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Awaitable, Callable
+
+import trio
+
+from .memory import MemoryCache
+from .stats import STATS
+
+log = logging.getLogger("jfscache.cache")
+
+
+class _Flight:
+    """One fetch in progress, shared by every reader of that block."""
+    __slots__ = ("done", "data")
+
+    def __init__(self):
+        self.done = trio.Event()
+        self.data: bytes | None = None
+
+
+class BlockCache:
+    def __init__(self, storage, mem_bytes: int, disk=None, max_prefetch: int = 8):
+        self.storage = storage
+        self.mem = MemoryCache(mem_bytes)
+        self.disk = disk
+        # Where a miss goes after the local tiers. The cache group (later)
+        # replaces this with "ask the owner, fall back to the store".
+        self.remote: Callable[[str], Awaitable[bytes]] = self._from_storage
+        self._inflight: dict[str, _Flight] = {}
+        self._prefetch_limit = trio.CapacityLimiter(max_prefetch)
+        self._nursery: trio.Nursery | None = None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    async def _from_storage(self, key: str) -> bytes:
+        t = time.perf_counter()
+        data = await self.storage.get(key)
+        STATS.observe_get(len(data), time.perf_counter() - t)
+        return data
+
+    def cached(self, key: str) -> bytes | None:
+        """The block if the memory tier has it (no I/O)."""
+        data = self.mem.get(key)
+        if data is not None:
+            STATS.hit("mem", len(data))
+        return data
+
+    async def get(self, key: str) -> bytes:
+        data = self.mem.get(key)
+        if data is not None:
+            STATS.hit("mem", len(data))
+            return data
+        flight = self._inflight.get(key)
+        if flight is not None:
+            await flight.done.wait()
+            if flight.data is not None:
+                return flight.data
+            # The shared fetch failed or was cancelled: try on our own.
+            return await self.get(key)
+        flight = self._inflight[key] = _Flight()
+        try:
+            flight.data = await self._load(key)
+            return flight.data
+        finally:
+            del self._inflight[key]
+            flight.done.set()
+
+    async def _load(self, key: str) -> bytes:
+        if self.disk is not None:
+            data = await self.disk.get(key)
+            if data is not None:
+                STATS.hit("disk", len(data))
+                self.mem.put(key, data)
+                return data
+        STATS.miss()
+        data = await self.remote(key)
+        self.mem.put(key, data)
+        if self.disk is not None:
+            self.disk.add(key, data)
+        return data
+
+    def prefetch(self, key: str) -> None:
+        """Fetch a block in the background unless it is cached or on its way."""
+        if key in self.mem or key in self._inflight or self._nursery is None:
+            return
+        if self.disk is not None and self.disk.has(key):
+            return
+        self._nursery.start_soon(self._prefetch, key)
+
+    async def _prefetch(self, key: str) -> None:
+        async with self._prefetch_limit:
+            try:
+                await self.get(key)
+                STATS.prefetched()
+            except Exception as e:  # a failed prefetch is only a lost hint; the read retries
+                log.debug("prefetch of %s failed: %s", key, e)
+
+    async def put(self, key: str, data: bytes) -> None:
+        """Store a new block, then keep it cached so that it reads back without the store."""
+        t = time.perf_counter()
+        await self.storage.put(key, data)
+        STATS.observe_put(len(data), time.perf_counter() - t)
+        self.mem.put(key, data)
+        if self.disk is not None:
+            self.disk.add(key, data)
+
+    async def remove(self, key: str) -> None:
+        self.mem.drop(key)
+        if self.disk is not None:
+            self.disk.drop(key)
+        await self.storage.delete(key)

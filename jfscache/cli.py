@@ -1,0 +1,319 @@
+"""Command line: format, mount, umount, status, stats.
+
+Every expected failure (bad URL, Redis down, missing bucket, ...) ends as one
+line on stderr and exit status 1, never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import click
+
+from . import __version__
+
+
+class Failure(Exception):
+    """An error for the user: printed as one line, exit status 1."""
+
+
+def _known_errors():
+    from .meta.engine import NotFormatted
+    from .meta.redisio import RedisError, RedisUnavailable
+    from .storage import StorageError
+    return (Failure, NotFormatted, RedisUnavailable, RedisError, StorageError, FileExistsError, ValueError)
+
+
+def parse_size(text: str, default_unit: str = "") -> int:
+    """'4M', '4MiB', '400G', '1048576' → bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtTpP]?)(i?[bB])?\s*", str(text))
+    if not m:
+        raise Failure(f"not a size: {text!r} (examples: 4M, 400G, 1048576)")
+    unit = (m.group(2) or default_unit).upper()
+    return int(float(m.group(1)) * (1 << (10 * " KMGTP".index(unit or " "))))
+
+
+def _setup_logging(debug: bool, log_file: str | None) -> None:
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("botocore", "aiobotocore", "urllib3", "asyncio", "trio_asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__)
+def cli():
+    """jfscache: a FUSE filesystem over Redis metadata and object-store blocks, with a tiered block cache."""
+
+
+# ---- format -----------------------------------------------------------------
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+
+
+@cli.command()
+@click.argument("meta_url")
+@click.argument("name")
+@click.option("--storage", type=click.Choice(["s3", "file"]), default="file", show_default=True,
+              help="object store type")
+@click.option("--bucket", help="bucket URL (http://host:port/bucket) or directory (file:///path)")
+@click.option("--block-size", default="4M", show_default=True, help="block size of stored objects")
+@click.option("--capacity", default="0", help="volume capacity (e.g. 100G; 0 = unlimited)")
+@click.option("--inodes", default=0, type=int, help="maximum number of inodes (0 = unlimited)")
+@click.option("--force", is_flag=True, help="overwrite the settings of an existing volume")
+def format(meta_url, name, storage, bucket, block_size, capacity, inodes, force):
+    """Create a volume: its bucket (if missing) and its settings in Redis.
+
+    S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws."""
+    from .meta.engine import Meta
+    from .storage import create_storage, run_with_loop
+
+    if not NAME_RE.match(name):
+        raise Failure(f"invalid volume name {name!r}: use 3-63 lowercase letters, digits and '-'")
+    if not bucket:
+        if storage == "s3":
+            raise Failure("--bucket is required for S3 storage (e.g. --bucket http://127.0.0.1:9000/mybucket)")
+        bucket = "file://" + os.path.join(os.path.expanduser("~"), ".jfscache", "local", name)
+    bs = parse_size(block_size, "K")
+    if not (64 << 10) <= bs <= (16 << 20) or bs & (bs - 1):
+        raise Failure("--block-size must be a power of two between 64K and 16M")
+    settings = {
+        "name": name, "uuid": str(uuid.uuid4()), "storage": storage, "bucket": bucket, "block_size": bs,
+        "capacity": parse_size(capacity, "G"), "inodes": inodes, "format_version": 1,
+        # Peers of a cache group prove they can read this record with it.
+        "group_secret": secrets.token_hex(16), "created": int(time.time()),
+    }
+    ak, sk = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if storage == "s3" and ak and sk:
+        # Saved (as JuiceFS does) so other nodes can mount with only the Redis URL.
+        settings.update(access_key=ak, secret_key=sk)
+
+    async def run():
+        meta = Meta(meta_url)
+        try:
+            # Ask Redis first: it is the cheaper check, and refusing early
+            # avoids creating a bucket for a format that will be refused.
+            old = await meta.r.execute("GET", "setting")
+            if old is not None and not force:
+                raise Failure(f"Redis at {meta.r.where} already holds volume "
+                              f"'{json.loads(old).get('name')}' (use --force to overwrite its settings)")
+            store = create_storage(storage, bucket)
+            try:
+                if await store.create():
+                    click.echo(f"created bucket {store.url}")
+                await store.check()
+            finally:
+                await store.close()
+            await meta.format(settings, force=force)
+        finally:
+            await meta.aclose()
+
+    run_with_loop(run)
+    click.echo(f"formatted volume {name} (block size {bs >> 10} KiB) on {_redacted(meta_url)}, data in {bucket}")
+
+
+def _redacted(url: str) -> str:
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:****@", url)
+
+
+# ---- status -----------------------------------------------------------------
+@cli.command()
+@click.argument("meta_url")
+def status(meta_url):
+    """Show a volume's settings (secrets masked) and its active sessions."""
+    from .meta.engine import Meta
+    from .storage import run_with_loop
+
+    async def run():
+        meta = Meta(meta_url)
+        try:
+            settings = dict(await meta.load())
+            stats = await meta.statfs()
+            return settings, await meta.sessions(), stats
+        finally:
+            await meta.aclose()
+
+    settings, sessions, (_, used, _, inodes) = run_with_loop(run)
+    for k in ("secret_key", "group_secret"):
+        if settings.get(k):
+            settings[k] = "****"
+    settings["used_bytes"] = used
+    settings["inodes_used"] = inodes
+    click.echo(json.dumps({"setting": settings, "sessions": sessions}, indent=2))
+
+
+# ---- mount ------------------------------------------------------------------
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.argument("args", nargs=-1, required=True, metavar="[META_URL] MOUNTPOINT")
+@click.option("--cache-dir", "cache_dirs", multiple=True, help="disk cache directory (repeatable)")
+@click.option("--cache-size", default="10G", show_default=True, help="disk cache size (MiB if no unit); 0 disables it")
+@click.option("--free-space-ratio", default=0.1, show_default=True, help="keep at least this fraction of the cache disk free")
+@click.option("--mem-cache-size", default="256M", show_default=True, help="memory cache size (MiB if no unit)")
+@click.option("--buffer-size", default="300M", show_default=True, help="write buffer limit (MiB if no unit)")
+@click.option("--max-uploads", default=20, show_default=True, help="parallel block uploads")
+@click.option("--prefetch", default=8, show_default=True, help="blocks prefetched ahead of a sequential reader")
+@click.option("--attr-timeout", default=1.0, show_default=True, help="kernel attribute cache timeout (s)")
+@click.option("--entry-timeout", default=1.0, show_default=True, help="kernel entry cache timeout (s)")
+@click.option("--read-ahead-kb", default=1024, show_default=True, help="kernel readahead of the mount (0: leave it)")
+@click.option("-d", "--background", is_flag=True, help="run in the background")
+@click.option("--log", "log_file", help="log file (default for -d: <cache dir>/jfscache.log)")
+@click.option("--debug", is_flag=True, help="debug logging")
+def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer_size, max_uploads, prefetch,
+          attr_timeout, entry_timeout, read_ahead_kb, background, log_file, debug):
+    """Mount a volume. Without META_URL, mount the embedded default volume
+    (a private redis-server and a local block directory under ~/.local/state/jfscache)."""
+    if len(args) > 2:
+        raise Failure("usage: jfscache mount [META_URL] MOUNTPOINT")
+    meta_url, mountpoint = (None, args[0]) if len(args) == 1 else args
+    mountpoint = os.path.abspath(mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise Failure(f"mount point {mountpoint} does not exist or is not a directory")
+    if os.path.ismount(mountpoint):
+        raise Failure(f"{mountpoint} is already a mount point (unmount it first: jfscache umount {mountpoint})")
+    if not os.path.exists("/dev/fuse"):
+        raise Failure("/dev/fuse is missing: load the fuse module or install fuse3")
+
+    from .embedded import state_dir
+    if not cache_dirs:
+        base = "/var/jfsCache" if os.geteuid() == 0 else os.path.join(os.path.expanduser("~"), ".jfscache", "cache")
+        if meta_url is None:
+            base = os.path.join(state_dir(), "cache")
+        cache_dirs = (base,)
+    if background:
+        _daemonize(log_file or os.path.join(cache_dirs[0], "jfscache.log"), mountpoint)
+        return
+    _setup_logging(debug, log_file)
+
+    from .daemon import MountConfig, run_mount
+    from .vfs.vfs import Options
+
+    opts = Options(attr_timeout=attr_timeout, entry_timeout=entry_timeout, max_uploads=max_uploads,
+                   buffer_size=parse_size(buffer_size, "M"), prefetch=prefetch)
+    cfg = MountConfig(meta_url=meta_url, mountpoint=mountpoint, cache_dirs=list(cache_dirs),
+                      cache_size=parse_size(cache_size, "M"), free_space_ratio=free_space_ratio,
+                      mem_cache_size=parse_size(mem_cache_size, "M"), read_ahead_kb=read_ahead_kb, opts=opts)
+    redis_proc = None
+    try:
+        if meta_url is None:
+            cfg.meta_url, redis_proc = _embedded_volume()
+        run_mount(cfg)
+    finally:
+        from .embedded import stop_redis
+        stop_redis(redis_proc)
+
+
+def _embedded_volume():
+    from .embedded import default_settings, start_redis, state_dir
+    from .meta.engine import Meta
+    from .storage import create_storage, run_with_loop
+
+    state = state_dir()
+    url, proc = start_redis(state)
+
+    async def ensure_formatted():
+        meta = Meta(url)
+        try:
+            if await meta.r.execute("GET", "setting") is None:
+                settings = default_settings(state)
+                store = create_storage("file", settings["bucket"])
+                await store.create()
+                await meta.format(settings)
+        finally:
+            await meta.aclose()
+
+    run_with_loop(ensure_formatted)
+    return url, proc
+
+
+def _daemonize(log_file: str, mountpoint: str) -> None:
+    """Start the same mount in the foreground as a detached child, return once mounted."""
+    os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+    argv = [a for a in sys.argv[1:] if a not in ("-d", "--background")]
+    if "--log" not in argv:
+        argv += ["--log", log_file]
+    with open(log_file, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "jfscache.cli", *argv], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if os.path.ismount(mountpoint):
+            click.echo(f"mounted at {mountpoint} (pid {proc.pid}, log {log_file})")
+            return
+        if proc.poll() is not None:
+            with open(log_file, "rb") as f:
+                tail = f.read()[-4000:].decode(errors="replace").strip().splitlines()
+            raise Failure(tail[-1] if tail else f"the mount process exited with status {proc.returncode}")
+        time.sleep(0.05)
+    raise Failure(f"{mountpoint} was not mounted after 60 s; see {log_file}")
+
+
+# ---- umount -----------------------------------------------------------------
+@cli.command()
+@click.argument("mountpoint")
+@click.option("-f", "--force", is_flag=True, help="lazy unmount even if busy")
+def umount(mountpoint, force):
+    """Unmount a mounted volume (buffered data is flushed first)."""
+    mountpoint = os.path.abspath(mountpoint)
+    if not os.path.ismount(mountpoint):
+        raise Failure(f"{mountpoint} is not mounted")
+    exe = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmd = [exe, "-u"] + (["-z"] if force else []) + [mountpoint] if exe else ["umount", mountpoint]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise Failure((r.stderr.strip().splitlines() or [f"unmounting {mountpoint} failed"])[-1])
+
+
+# ---- stats ------------------------------------------------------------------
+@cli.command()
+@click.argument("mountpoint")
+def stats(mountpoint):
+    """Show the cache and object-store counters of a mounted volume."""
+    path = os.path.join(mountpoint, ".stats")
+    try:
+        with open(path, "rb") as f:
+            click.echo(f.read().decode().rstrip())
+    except OSError as e:
+        raise Failure(f"cannot read {path}: {e.strerror} (is {mountpoint} a jfscache mount?)")
+
+
+def _leaf(e: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups that trio raises."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e
+
+
+def main():
+    try:
+        try:
+            cli.main(standalone_mode=False)
+        except BaseExceptionGroup as g:
+            raise _leaf(g) from None
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except _known_errors() as e:
+        click.echo(f"jfscache: error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # unexpected: still one line; --debug logs have the rest
+        logging.getLogger("jfscache").debug("unexpected error", exc_info=True)
+        click.echo(f"jfscache: error: {type(e).__name__}: {e}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

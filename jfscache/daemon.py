@@ -1,0 +1,120 @@
+"""The mount daemon: wires storage, cache, metadata, VFS and FUSE, and runs them on trio."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+import trio_asyncio
+
+from .cache.blocks import BlockCache
+from .fuse.ops import Operations
+from .meta.engine import Meta
+from .storage import create_storage
+from .vfs.vfs import VFS, Options
+
+log = logging.getLogger("jfscache")
+
+
+@dataclass
+class MountConfig:
+    meta_url: str
+    mountpoint: str
+    cache_dirs: list[str]
+    cache_size: int = 10 << 30
+    free_space_ratio: float = 0.1
+    mem_cache_size: int = 256 << 20
+    read_ahead_kb: int = 1024
+    opts: Options = None
+    allow_other: bool | None = None  # None: when running as root
+
+
+def open_storage(settings: dict):
+    """The volume's object store. Credentials in the environment win over
+    those saved at format time, so a node can use its own."""
+    env_key, env_secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if env_key and env_secret:
+        ak, sk = env_key, env_secret
+    else:
+        ak, sk = settings.get("access_key"), settings.get("secret_key")
+    return create_storage(settings["storage"], settings["bucket"], access_key=ak, secret_key=sk)
+
+
+def _raise_read_ahead(mountpoint: str, kb: int) -> None:
+    """Sequential reads are bounded by the kernel's readahead window for the
+    mount (128 KiB by default); 1 MiB lets each FUSE request carry 1 MiB."""
+    st = os.stat(mountpoint)
+    path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(kb))
+    except OSError as e:
+        log.info("could not raise %s to %d: %s", path, kb, e)
+
+
+async def _serve(cfg: MountConfig, ready=None) -> None:
+    async with trio_asyncio.open_loop():
+        meta = Meta(cfg.meta_url)
+        settings = await meta.load()
+        storage = open_storage(settings)
+        await storage.check()
+        disk = None
+        if cfg.cache_dirs and cfg.cache_size > 0:
+            from .cache.disk import DiskCache
+            disk = DiskCache(cfg.cache_dirs, cfg.cache_size, cfg.free_space_ratio)
+            await disk.open()
+        cache = BlockCache(storage, cfg.mem_cache_size, disk=disk, max_prefetch=max(1, cfg.opts.prefetch))
+        vfs = VFS(meta, cache, cfg.opts)
+        ops = Operations(vfs)
+        options = set(pyfuse3.default_options)
+        options |= {f"fsname=jfscache:{settings['name']}", "subtype=jfscache"}
+        if cfg.allow_other if cfg.allow_other is not None else os.geteuid() == 0:
+            options.add("allow_other")
+        pyfuse3.init(ops, cfg.mountpoint, options)
+        try:
+            await meta.new_session(cfg.mountpoint)
+            log.info("mounted volume %s at %s (session %d)", settings["name"], cfg.mountpoint, meta.sid)
+            async with trio.open_nursery() as n:
+                await vfs.start(n)
+                cache.start(n)
+                if disk is not None:
+                    disk.start(n)
+
+                async def on_signals():
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                        async for s in sigs:
+                            log.info("got %s: flushing and unmounting", signal.Signals(s).name)
+                            await vfs.shutdown()
+                            pyfuse3.terminate()
+                            return
+
+                async def after_mount():
+                    if cfg.read_ahead_kb:
+                        await trio.to_thread.run_sync(_raise_read_ahead, cfg.mountpoint, cfg.read_ahead_kb)
+                    if ready is not None:
+                        ready()
+
+                n.start_soon(on_signals)
+                n.start_soon(after_mount)
+                await pyfuse3.main()
+                await vfs.shutdown()
+                n.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+            with trio.CancelScope(shield=True):
+                try:
+                    await meta.close_session()
+                except Exception as e:
+                    log.warning("closing the session failed: %s", e)
+                if disk is not None:
+                    disk.close()
+                await storage.close()
+                await meta.aclose()
+        log.info("unmounted %s", cfg.mountpoint)
+
+
+def run_mount(cfg: MountConfig) -> None:
+    trio.run(_serve, cfg)

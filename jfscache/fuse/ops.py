@@ -1,0 +1,217 @@
+"""pyfuse3 operations: translate FUSE requests to VFS calls, nothing more.
+
+VFS methods raise OSError; every handler turns that into FUSEError with the
+same errno. Attributes become EntryAttributes with the configured timeouts.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+
+import pyfuse3
+
+log = logging.getLogger("jfscache.fuse")
+
+TYPE_CHAR = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFIFO: "p",
+             stat.S_IFCHR: "c", stat.S_IFBLK: "b", stat.S_IFSOCK: "s"}
+
+
+def _errors(fn):
+    """OSError → FUSEError; anything unexpected is logged and becomes EIO."""
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, vfs):
+        super().__init__()
+        self.vfs = vfs
+        self.attr_timeout = vfs.opts.attr_timeout
+        self.entry_timeout = vfs.opts.entry_timeout
+
+    def _entry(self, a) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a.ino
+        e.generation = 0
+        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_timeout
+        e.st_mode = a.st_mode
+        e.st_nlink = a.nlink
+        e.st_uid = a.uid
+        e.st_gid = a.gid
+        e.st_rdev = a.rdev
+        e.st_size = a.length
+        e.st_blksize = 1 << 20
+        e.st_blocks = (a.length + 511) // 512
+        e.st_atime_ns = a.atime
+        e.st_mtime_ns = a.mtime
+        e.st_ctime_ns = a.ctime
+        return e
+
+    @_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        if name == b".":
+            return self._entry(await self.vfs.getattr(parent_inode))
+        if name == b"..":
+            a = await self.vfs.getattr(parent_inode)
+            return self._entry(await self.vfs.getattr(a.parent or pyfuse3.ROOT_INODE))
+        return self._entry(await self.vfs.lookup(parent_inode, name))
+
+    @_errors
+    async def getattr(self, inode, ctx=None):
+        return self._entry(await self.vfs.getattr(inode))
+
+    @_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        kw = {}
+        if fields.update_mode:
+            kw["mode"] = stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            kw["uid"] = attr.st_uid
+        if fields.update_gid:
+            kw["gid"] = attr.st_gid
+        if fields.update_atime:
+            kw["atime"] = attr.st_atime_ns
+        if fields.update_mtime:
+            kw["mtime"] = attr.st_mtime_ns
+        if fields.update_size:
+            kw["size"] = attr.st_size
+        return self._entry(await self.vfs.setattr(inode, **kw))
+
+    @_errors
+    async def readlink(self, inode, ctx):
+        return await self.vfs.readlink(inode)
+
+    @_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        typ = TYPE_CHAR.get(stat.S_IFMT(mode))
+        if typ is None or typ in "dl":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return self._entry(await self.vfs.mknod(parent_inode, name, typ, mode, ctx.uid, ctx.gid, rdev))
+
+    @_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self._entry(await self.vfs.mknod(parent_inode, name, "d", mode, ctx.uid, ctx.gid))
+
+    @_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        return self._entry(await self.vfs.mknod(parent_inode, name, "l", 0o777, ctx.uid, ctx.gid, target=target))
+
+    @_errors
+    async def unlink(self, parent_inode, name, ctx):
+        await self.vfs.unlink(parent_inode, name)
+
+    @_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        await self.vfs.rmdir(parent_inode, name)
+
+    @_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self.vfs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return self._entry(await self.vfs.link(inode, new_parent_inode, new_name))
+
+    @_errors
+    async def open(self, inode, flags, ctx):
+        fh, keep = await self.vfs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    @_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        fh, a = await self.vfs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=fh), self._entry(a)
+
+    @_errors
+    async def read(self, fh, off, size):
+        return await self.vfs.read(fh, off, size)
+
+    @_errors
+    async def write(self, fh, off, buf):
+        return await self.vfs.write(fh, off, buf)
+
+    @_errors
+    async def flush(self, fh):
+        await self.vfs.flush(fh)
+
+    @_errors
+    async def fsync(self, fh, datasync):
+        await self.vfs.fsync(fh)
+
+    @_errors
+    async def release(self, fh):
+        await self.vfs.release(fh)
+
+    @_errors
+    async def opendir(self, inode, ctx):
+        return await self.vfs.opendir(inode)
+
+    @_errors
+    async def readdir(self, fh, start_id, token):
+        while True:
+            batch = await self.vfs.readdir(fh, start_id)
+            if not batch:
+                return
+            for name, a, next_id in batch:
+                if not pyfuse3.readdir_reply(token, name, self._entry(a), next_id):
+                    return
+                start_id = next_id
+
+    @_errors
+    async def releasedir(self, fh):
+        await self.vfs.releasedir(fh)
+
+    async def fsyncdir(self, fh, datasync):
+        pass
+
+    @_errors
+    async def statfs(self, ctx):
+        total, used, itotal, iused = await self.vfs.statfs()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = total // 4096
+        s.f_bfree = s.f_bavail = max(0, total - used) // 4096
+        s.f_files = itotal
+        s.f_ffree = s.f_favail = max(0, itotal - iused)
+        s.f_namemax = 255
+        return s
+
+    @_errors
+    async def getxattr(self, inode, name, ctx):
+        return await self.vfs.getxattr(inode, name)
+
+    @_errors
+    async def listxattr(self, inode, ctx):
+        return await self.vfs.listxattr(inode)
+
+    @_errors
+    async def setxattr(self, inode, name, value, ctx):
+        await self.vfs.setxattr(inode, name, value)
+
+    @_errors
+    async def removexattr(self, inode, name, ctx):
+        await self.vfs.removexattr(inode, name)
+
+    async def access(self, inode, mode, ctx):
+        # Only reached without default_permissions; the kernel checks modes otherwise.
+        return True
+
+    async def forget(self, inode_list):
+        pass

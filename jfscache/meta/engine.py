@@ -1,0 +1,336 @@
+"""The metadata engine: a POSIX tree, chunk slice lists and sessions in Redis.
+
+Failures are raised as OSError(errno) so that callers above (vfs, fuse) can
+pass them through without knowing Redis. Every multi-key mutation is one Lua
+script (see lua.py), so it is atomic across all nodes mounting the volume.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+from ..layout import CHUNK_SIZE
+from . import lua
+from .redisio import Redis, RedisError, RedisUnavailable
+
+ROOT_INODE = 1
+NAME_MAX = 255
+FORMAT_VERSION = 1
+SESSION_TIMEOUT = 300  # seconds without heartbeat before a session is reaped
+HEARTBEAT = 12
+
+TYPES = {"f": 0o100000, "d": 0o040000, "l": 0o120000, "p": 0o010000, "c": 0o020000, "b": 0o060000, "s": 0o140000}
+TYPE_OF_MODE = {v: k for k, v in TYPES.items()}
+
+_SLICE = struct.Struct(">IQIII")  # pos in chunk, slice id, slice size, offset in slice, length
+
+
+class NotFormatted(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class Slice:
+    pos: int  # where it starts within the chunk
+    id: int  # 0 means zeros (a truncated hole)
+    size: int  # total size of the slice object (its blocks)
+    off: int  # offset inside the slice where the visible part starts
+    len: int
+
+    def pack(self) -> bytes:
+        return _SLICE.pack(self.pos, self.id, self.size, self.off, self.len)
+
+    @classmethod
+    def unpack(cls, b: bytes) -> "Slice":
+        return cls(*_SLICE.unpack(b))
+
+
+@dataclass(slots=True)
+class Attr:
+    ino: int
+    type: str
+    mode: int  # permission bits including suid/sgid/sticky
+    uid: int
+    gid: int
+    rdev: int
+    nlink: int
+    length: int
+    atime: int  # ns
+    mtime: int
+    ctime: int
+    parent: int
+
+    @property
+    def st_mode(self) -> int:
+        return TYPES[self.type] | self.mode
+
+    @classmethod
+    def from_flat(cls, ino: int, flat: list) -> "Attr":
+        d = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+        return cls(
+            ino, d[b"type"].decode(), int(d[b"mode"]), int(d[b"uid"]), int(d[b"gid"]), int(d[b"rdev"]),
+            int(d[b"nlink"]), int(d[b"length"]), int(d[b"atime"]), int(d[b"mtime"]), int(d[b"ctime"]),
+            int(d.get(b"parent", 0)),
+        )
+
+
+def _oserror(e: RedisError) -> OSError:
+    name = str(e).split()[0]
+    code = getattr(errno, name, None)
+    if code is None:
+        return OSError(errno.EIO, f"metadata error: {e}")
+    return OSError(code, os.strerror(code))
+
+
+def _check_name(name: bytes):
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+
+
+def _now() -> str:
+    return str(time.time_ns())
+
+
+class Meta:
+    """One volume's metadata. All methods are trio-async."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.r = Redis(url)
+        self.settings: dict = {}
+        self.sid = 0
+        self._ino_next = self._ino_end = 0
+        self._slice_next = self._slice_end = 0
+
+    # ---- volume -----------------------------------------------------------
+    async def load(self) -> dict:
+        raw = await self.r.execute("GET", "setting")
+        if raw is None:
+            raise NotFormatted(f"no jfscache volume is formatted in Redis at {self.r.where} (run 'jfscache format' first)")
+        self.settings = json.loads(raw)
+        return self.settings
+
+    async def format(self, settings: dict, force: bool = False) -> None:
+        old = await self.r.execute("GET", "setting")
+        if old is not None and not force:
+            name = json.loads(old).get("name")
+            raise FileExistsError(f"Redis at {self.r.where} already holds volume '{name}' (use --force to overwrite its settings)")
+        now = _now()
+        cmds = [("SET", "setting", json.dumps(settings))]
+        if old is None:
+            cmds += [
+                ("HSET", f"i{ROOT_INODE}", "type", "d", "mode", 0o777, "uid", 0, "gid", 0, "rdev", 0, "nlink", 2,
+                 "length", 0, "atime", now, "mtime", now, "ctime", now, "parent", ROOT_INODE),
+                ("SET", "nextinode", ROOT_INODE), ("SET", "nextslice", 0), ("SET", "usedSpace", 0),
+                ("SET", "totalInodes", 1),
+            ]
+        await self.r.pipeline(cmds)
+        self.settings = settings
+
+    @property
+    def capacity(self) -> int:
+        return int(self.settings.get("capacity", 0))
+
+    # ---- sessions ---------------------------------------------------------
+    async def new_session(self, mountpoint: str) -> int:
+        self.sid = await self.r.execute("INCR", "nextsession")
+        info = {"host": socket.gethostname(), "mountpoint": mountpoint, "pid": os.getpid(),
+                "started": int(time.time()), "version": 1}
+        await self.r.pipeline([("ZADD", "sessions", int(time.time()), self.sid),
+                               ("HSET", "sessionInfos", self.sid, json.dumps(info))])
+        return self.sid
+
+    async def heartbeat(self) -> None:
+        """Refresh this session and reap sessions that stopped heartbeating."""
+        now = int(time.time())
+        await self.r.execute("ZADD", "sessions", now, self.sid)
+        stale = await self.r.execute("ZRANGEBYSCORE", "sessions", "-inf", now - SESSION_TIMEOUT)
+        for sid in stale:
+            await self.r.eval(lua.CLOSE_SESSION, [], [sid, now])
+
+    async def close_session(self) -> None:
+        if self.sid:
+            await self.r.eval(lua.CLOSE_SESSION, [], [self.sid, int(time.time())])
+            self.sid = 0
+
+    async def sessions(self) -> list[dict]:
+        flat = await self.r.execute("ZRANGE", "sessions", 0, -1, "WITHSCORES")
+        infos = await self.r.execute("HGETALL", "sessionInfos")
+        info = {infos[i]: infos[i + 1] for i in range(0, len(infos), 2)}
+        out = []
+        for i in range(0, len(flat), 2):
+            sid = flat[i]
+            d = json.loads(info.get(sid, b"{}"))
+            d.update(sid=int(sid), heartbeat=int(float(flat[i + 1])))
+            out.append(d)
+        return out
+
+    # ---- counters ---------------------------------------------------------
+    async def _next_inode(self) -> int:
+        if self._ino_next >= self._ino_end:
+            end = await self.r.execute("INCRBY", "nextinode", 100)
+            self._ino_next, self._ino_end = end - 99, end + 1
+        self._ino_next += 1
+        return self._ino_next - 1
+
+    async def new_slice_id(self) -> int:
+        if self._slice_next >= self._slice_end:
+            end = await self.r.execute("INCRBY", "nextslice", 100)
+            self._slice_next, self._slice_end = end - 99, end + 1
+        self._slice_next += 1
+        return self._slice_next - 1
+
+    async def _script(self, script, keys, args):
+        try:
+            return await self.r.eval(script, keys, args)
+        except RedisError as e:
+            raise _oserror(e) from None
+
+    # ---- tree -------------------------------------------------------------
+    async def getattr(self, ino: int) -> Attr:
+        flat = await self.r.execute("HGETALL", f"i{ino}")
+        if not flat:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return Attr.from_flat(ino, flat)
+
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        _check_name(name)
+        res = await self.r.eval(lua.LOOKUP, [f"d{parent}"], [name])
+        if res is None or not res[1]:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return Attr.from_flat(int(res[0][1:]), res[1])
+
+    async def mknod(self, parent: int, name: bytes, typ: str, mode: int, uid: int, gid: int,
+                    rdev: int = 0, target: bytes = b"") -> Attr:
+        _check_name(name)
+        ino = await self._next_inode()
+        now = _now()
+        parent_field = parent if typ == "d" else 0
+        res = await self._script(lua.CREATE, [f"i{parent}", f"d{parent}", f"i{ino}"],
+                                 [name, ino, typ, mode & 0o7777, uid, gid, rdev, now, target,
+                                  int(self.settings.get("inodes", 0)), parent_field])
+        n = int(now)
+        return Attr(ino, typ, int(res[0]), uid, int(res[1]), rdev, 2 if typ == "d" else 1,
+                    len(target) if typ == "l" else 0, n, n, n, parent_field)
+
+    async def readlink(self, ino: int) -> bytes:
+        t = await self.r.execute("GET", f"s{ino}")
+        if t is None:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return t
+
+    async def unlink(self, parent: int, name: bytes) -> tuple[int, bool]:
+        """Returns (inode, whether it reached nlink 0 and waits for drop())."""
+        res = await self._script(lua.UNLINK, [f"i{parent}", f"d{parent}"],
+                                 [name, _now(), self.sid, int(time.time())])
+        return int(res[0]), bool(res[1])
+
+    async def drop(self, ino: int) -> None:
+        """Delete a file that has no links and no open handle left."""
+        await self._script(lua.DROP, [], [ino, self.sid, int(time.time())])
+
+    async def rmdir(self, parent: int, name: bytes) -> int:
+        return int(await self._script(lua.RMDIR, [f"i{parent}", f"d{parent}"], [name, _now()]))
+
+    async def rename(self, psrc: int, nsrc: bytes, pdst: int, ndst: bytes, flags: int) -> tuple[int, int, bool]:
+        """Returns (moved inode, replaced inode or 0, whether the replaced file waits for drop())."""
+        _check_name(ndst)
+        res = await self._script(lua.RENAME, [f"i{psrc}", f"d{psrc}", f"i{pdst}", f"d{pdst}"],
+                                 [nsrc, ndst, flags, _now(), self.sid, int(time.time())])
+        return int(res[0]), int(res[1] or 0), bool(res[2])
+
+    async def link(self, ino: int, parent: int, name: bytes) -> Attr:
+        _check_name(name)
+        flat = await self._script(lua.LINK, [f"i{ino}", f"i{parent}", f"d{parent}"], [name, _now(), ino])
+        return Attr.from_flat(ino, flat)
+
+    async def setattr(self, ino: int, **fields) -> Attr:
+        """Set mode/uid/gid/atime/mtime (ns); ctime becomes now."""
+        args = [_now()]
+        for k, v in fields.items():
+            args += [k, v]
+        flat = await self._script(lua.SETATTR, [f"i{ino}"], args)
+        return Attr.from_flat(ino, flat)
+
+    async def truncate(self, ino: int, length: int) -> Attr:
+        flat = await self._script(lua.TRUNCATE, [f"i{ino}"], [length, _now(), CHUNK_SIZE, self.capacity, ino])
+        return Attr.from_flat(ino, flat)
+
+    async def readdir(self, ino: int, want_attrs: bool = True) -> list[tuple[bytes, int, str]]:
+        """All entries as (name, inode, type char), in a stable snapshot order."""
+        flat = await self.r.execute("HGETALL", f"d{ino}")
+        if not flat and not await self.r.execute("EXISTS", f"i{ino}"):
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return [(flat[i], int(flat[i + 1][1:]), flat[i + 1][:1].decode()) for i in range(0, len(flat), 2)]
+
+    async def getattrs(self, inos: list[int]) -> list[Attr | None]:
+        """Attributes of many inodes in one round trip (None for vanished ones)."""
+        replies = await self.r.pipeline([("HGETALL", f"i{i}") for i in inos])
+        return [Attr.from_flat(i, f) if f else None for i, f in zip(inos, replies)]
+
+    # ---- data -------------------------------------------------------------
+    async def read_chunk(self, ino: int, indx: int) -> list[Slice]:
+        return [Slice.unpack(b) for b in await self.r.execute("LRANGE", f"c{ino}_{indx}", 0, -1)]
+
+    async def write_slice(self, ino: int, indx: int, s: Slice) -> int:
+        """Append a slice whose blocks are stored; returns the new file length."""
+        end = indx * CHUNK_SIZE + s.pos + s.len
+        return int(await self._script(lua.WRITE, [f"i{ino}", f"c{ino}_{indx}"],
+                                      [s.pack(), end, _now(), self.capacity]))
+
+    async def pending_deletes(self, limit: int = 100) -> tuple[list[bytes], list[bytes]]:
+        """Files and slices whose data waits to be deleted."""
+        files, slices = await self.r.pipeline([("ZRANGE", "delfiles", 0, limit - 1),
+                                               ("LRANGE", "delslices", 0, limit - 1)])
+        return files, slices
+
+    async def file_slices(self, ino: int, length: int) -> list[Slice]:
+        n = (length + CHUNK_SIZE - 1) // CHUNK_SIZE
+        replies = await self.r.pipeline([("LRANGE", f"c{ino}_{i}", 0, -1) for i in range(n)])
+        return [Slice.unpack(b) for rep in replies for b in rep]
+
+    async def forget_file(self, member: bytes, ino: int, length: int) -> None:
+        n = (length + CHUNK_SIZE - 1) // CHUNK_SIZE
+        await self.r.pipeline([("DEL", *[f"c{ino}_{i}" for i in range(n)]), ("ZREM", "delfiles", member)]
+                              if n else [("ZREM", "delfiles", member)])
+
+    async def forget_slices(self, count: int) -> None:
+        await self.r.execute("LTRIM", "delslices", count, -1)
+
+    # ---- xattrs -----------------------------------------------------------
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        v = await self.r.execute("HGET", f"x{ino}", name)
+        if v is None:
+            raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+        return v
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        return await self.r.execute("HKEYS", f"x{ino}")
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        await self._script(lua.SETXATTR, [f"i{ino}", f"x{ino}"], [name, value, _now()])
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        if not await self.r.execute("HDEL", f"x{ino}", name):
+            raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+
+    # ---- statfs -----------------------------------------------------------
+    async def statfs(self) -> tuple[int, int, int, int]:
+        """(total bytes, used bytes, total inodes, used inodes)."""
+        used, inodes = await self.r.pipeline([("GET", "usedSpace"), ("GET", "totalInodes")])
+        used, inodes = max(0, int(used or 0)), int(inodes or 0)
+        cap = self.capacity or max(1 << 50, used * 2)
+        icap = int(self.settings.get("inodes", 0)) or max(10 << 20, inodes * 2)
+        return cap, used, icap, inodes
+
+    async def aclose(self):
+        await self.r.aclose()
+
+
+__all__ = ["Meta", "Attr", "Slice", "NotFormatted", "RedisUnavailable", "CHUNK_SIZE", "ROOT_INODE", "TYPES",
+           "TYPE_OF_MODE"]

@@ -1,0 +1,427 @@
+"""The virtual filesystem: open handles, readers and writers over meta + cache.
+
+Everything here speaks inodes, offsets and OSError; the FUSE layer above only
+translates. Consistency model (as JuiceFS and NFS): close-to-open. open()
+always fetches fresh attributes, so a file changed by another node is read
+anew once the kernel's attribute timeout has passed; a handle that stays open
+keeps reading the slices it resolved unless this node changes the file.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from ..layout import CHUNK_SIZE, Segment, block_key, resolve, slice_block_keys
+from ..meta.engine import ROOT_INODE, Attr, Meta
+from ..cache.stats import STATS
+from .writer import FileWriter, WriteBudget
+
+log = logging.getLogger("jfscache.vfs")
+
+STATS_INODE = 0x7FFF_FFFF_0000_0001  # the virtual .stats file under the root
+STATS_NAME = b".stats"
+
+
+@dataclass
+class Handle:
+    ino: int
+    flags: int
+    entries: list | None = None  # directory snapshot
+    next_off: int = -1  # where a sequential reader would read next
+    seq: int = 0  # consecutive sequential reads, drives readahead depth
+    stats: bytes | None = None
+
+
+@dataclass
+class Options:
+    attr_timeout: float = 1.0
+    entry_timeout: float = 1.0
+    max_uploads: int = 20
+    buffer_size: int = 300 << 20
+    prefetch: int = 8  # blocks ahead of a sequential reader, at most
+    read_only: bool = False
+
+
+@dataclass
+class _OpenFile:
+    count: int = 0
+    mtime: int = -1  # attributes seen at the last open, to decide keep_cache
+    length: int = -1
+    chunks: dict = field(default_factory=dict)  # indx -> list[Segment]
+
+
+class VFS:
+    def __init__(self, meta: Meta, cache, opts: Options):
+        self.meta = meta
+        self.cache = cache
+        self.opts = opts
+        s = meta.settings
+        self.volume = s["name"]
+        self.bs = int(s.get("block_size", 4 << 20))
+        self.budget = WriteBudget(opts.buffer_size)
+        self.upload_limiter = trio.CapacityLimiter(opts.max_uploads)
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self.files: dict[int, _OpenFile] = {}  # inodes with open handles (and recently opened)
+        self.writers: dict[int, FileWriter] = {}
+        self.unlinked_open: set[int] = set()
+        self._nursery: trio.Nursery | None = None
+        self._delete_wakeup = trio.Event()
+
+    # ---- lifecycle --------------------------------------------------------
+    async def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        nursery.start_soon(self._heartbeat_loop)
+        nursery.start_soon(self._delete_loop)
+
+    async def shutdown(self) -> None:
+        """Flush every dirty file; called on unmount and on SIGTERM."""
+        for fw in list(self.writers.values()):
+            try:
+                await fw.flush()
+            except OSError as e:
+                log.error("flushing inode %d at shutdown failed: %s", fw.ino, e)
+        for ino in list(self.unlinked_open):
+            await self.meta.drop(ino)
+        self.unlinked_open.clear()
+
+    async def _heartbeat_loop(self) -> None:
+        from ..meta.engine import HEARTBEAT
+        while True:
+            await trio.sleep(HEARTBEAT)
+            try:
+                await self.meta.heartbeat()
+            except Exception as e:
+                log.warning("session heartbeat failed: %s", e)
+
+    async def _delete_loop(self) -> None:
+        while True:
+            with trio.move_on_after(10):
+                await self._delete_wakeup.wait()
+            self._delete_wakeup = trio.Event()
+            try:
+                await self._delete_pending()
+            except Exception as e:
+                log.warning("deleting unreferenced data failed (will retry): %s", e)
+
+    async def _delete_pending(self) -> None:
+        while True:
+            files, slices = await self.meta.pending_deletes()
+            if not files and not slices:
+                return
+            for member in files:
+                ino, length = (int(x) for x in member.split(b":"))
+                for s in await self.meta.file_slices(ino, length):
+                    await self._delete_slice(s.id, s.size)
+                await self.meta.forget_file(member, ino, length)
+            if slices:
+                from ..meta.engine import Slice
+                for raw in slices:
+                    s = Slice.unpack(raw)
+                    await self._delete_slice(s.id, s.size)
+                await self.meta.forget_slices(len(slices))
+
+    async def _delete_slice(self, sid: int, size: int) -> None:
+        if sid == 0:
+            return
+        for key in slice_block_keys(self.volume, sid, size, self.bs):
+            await self.cache.remove(key)
+
+    # ---- attributes -------------------------------------------------------
+    def _overlay(self, a: Attr) -> Attr:
+        fw = self.writers.get(a.ino)
+        if fw is not None and fw.length > a.length:
+            a.length = fw.length
+        return a
+
+    async def getattr(self, ino: int) -> Attr:
+        if ino == STATS_INODE:
+            return self._stats_attr()
+        return self._overlay(await self.meta.getattr(ino))
+
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        if parent == ROOT_INODE and name == STATS_NAME:
+            return self._stats_attr()
+        return self._overlay(await self.meta.lookup(parent, name))
+
+    def _stats_attr(self) -> Attr:
+        now = time.time_ns()
+        return Attr(STATS_INODE, "f", 0o444, 0, 0, 0, 1, 1 << 20, now, now, now, ROOT_INODE)
+
+    async def setattr(self, ino: int, *, size: int | None = None, **fields) -> Attr:
+        a = None
+        if size is not None:
+            await self._flush_ino(ino)
+            a = await self.meta.truncate(ino, size)
+            of = self.files.get(ino)
+            if of is not None:
+                of.chunks.clear()
+                of.length = size
+        if fields:
+            a = await self.meta.setattr(ino, **fields)
+        return self._overlay(a if a is not None else await self.meta.getattr(ino))
+
+    # ---- namespace --------------------------------------------------------
+    async def mknod(self, parent: int, name: bytes, typ: str, mode: int, uid: int, gid: int,
+                    rdev: int = 0, target: bytes = b"") -> Attr:
+        return await self.meta.mknod(parent, name, typ, mode, uid, gid, rdev, target)
+
+    async def readlink(self, ino: int) -> bytes:
+        return await self.meta.readlink(ino)
+
+    async def link(self, ino: int, parent: int, name: bytes) -> Attr:
+        return self._overlay(await self.meta.link(ino, parent, name))
+
+    async def _released_link(self, ino: int, waits: bool) -> None:
+        """After a name went away: delete the file now, or at its last close."""
+        if not waits:
+            return
+        of = self.files.get(ino)
+        if of is not None and of.count > 0:
+            self.unlinked_open.add(ino)
+        else:
+            self.writers.pop(ino, None)
+            await self.meta.drop(ino)
+            self._delete_wakeup.set()
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        ino, waits = await self.meta.unlink(parent, name)
+        await self._released_link(ino, waits)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        await self.meta.rmdir(parent, name)
+
+    async def rename(self, psrc: int, nsrc: bytes, pdst: int, ndst: bytes, flags: int) -> None:
+        _, replaced, waits = await self.meta.rename(psrc, nsrc, pdst, ndst, flags)
+        await self._released_link(replaced, waits)
+
+    # ---- files ------------------------------------------------------------
+    def _new_handle(self, ino: int, flags: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = Handle(ino, flags)
+        return fh
+
+    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+        """Returns (handle, whether the kernel may keep its cached pages)."""
+        if ino == STATS_INODE:
+            fh = self._new_handle(ino, flags)
+            self.handles[fh].stats = STATS.json()
+            return fh, False
+        a = await self.meta.getattr(ino)
+        of = self.files.setdefault(ino, _OpenFile())
+        unchanged = of.mtime == a.mtime and of.length == a.length and ino not in self.writers
+        if not unchanged:
+            of.chunks.clear()
+        of.mtime, of.length = a.mtime, a.length
+        of.count += 1
+        if flags & os.O_TRUNC and a.length:
+            await self.setattr(ino, size=0)
+            unchanged = False
+        return self._new_handle(ino, flags), unchanged
+
+    async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Attr]:
+        try:
+            a = await self.meta.mknod(parent, name, "f", mode, uid, gid)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            # Lost a race with another creator: open what is there, as open(2) would.
+            a = await self.lookup(parent, name)
+            fh, _ = await self.open(a.ino, flags)
+            return fh, a
+        of = self.files.setdefault(a.ino, _OpenFile())
+        of.count += 1
+        of.mtime, of.length = a.mtime, 0
+        return self._new_handle(a.ino, flags), a
+
+    def _writer(self, ino: int) -> FileWriter:
+        fw = self.writers.get(ino)
+        if fw is None:
+            fw = self.writers[ino] = FileWriter(
+                ino, meta=self.meta, cache=self.cache, volume=self.volume, bs=self.bs, budget=self.budget,
+                upload_limiter=self.upload_limiter, nursery=self._nursery, on_commit=self._committed)
+        return fw
+
+    def _committed(self, ino: int, indx: int, length: int) -> None:
+        of = self.files.get(ino)
+        if of is not None:
+            of.chunks.pop(indx, None)
+            of.length = max(of.length, length)
+
+    async def write(self, fh: int, off: int, data) -> int:
+        h = self.handles[fh]
+        if h.ino == STATS_INODE:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        await self._writer(h.ino).write(off, data)
+        return len(data)
+
+    async def flush(self, fh: int) -> None:
+        h = self.handles.get(fh)
+        if h is not None:
+            await self._flush_ino(h.ino)
+
+    async def _flush_ino(self, ino: int) -> None:
+        fw = self.writers.get(ino)
+        if fw is None:
+            return
+        try:
+            await fw.flush()
+        finally:
+            if not fw.dirty and self.writers.get(ino) is fw:
+                del self.writers[ino]
+
+    async def fsync(self, fh: int) -> None:
+        await self.flush(fh)
+
+    async def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is None or h.ino == STATS_INODE:
+            return
+        of = self.files.get(h.ino)
+        if of is not None:
+            of.count -= 1
+            if of.count <= 0:
+                try:
+                    await self._flush_ino(h.ino)
+                finally:
+                    if h.ino in self.unlinked_open:
+                        self.unlinked_open.discard(h.ino)
+                        self.files.pop(h.ino, None)
+                        await self.meta.drop(h.ino)
+                        self._delete_wakeup.set()
+                    elif len(self.files) > 10000:
+                        self.files.pop(h.ino, None)
+
+    async def _segments(self, ino: int, indx: int, of: _OpenFile) -> list[Segment]:
+        segs = of.chunks.get(indx)
+        if segs is None:
+            segs = of.chunks[indx] = resolve(await self.meta.read_chunk(ino, indx))
+        return segs
+
+    async def read(self, fh: int, off: int, size: int):
+        h = self.handles[fh]
+        ino = h.ino
+        if ino == STATS_INODE:
+            return h.stats[off:off + size]
+        fw = self.writers.get(ino)
+        if fw is not None and fw.dirty:
+            await self._flush_ino(ino)
+        of = self.files[ino]
+        end = min(off + size, of.length)
+        if off >= end:
+            return b""
+        self._readahead(h, of, off, end)
+        pieces = []
+        pos = off
+        while pos < end:
+            indx, coff = divmod(pos, CHUNK_SIZE)
+            n = min(end - pos, CHUNK_SIZE - coff)
+            pieces += await self._read_chunk(ino, indx, coff, n, of)
+            pos += n
+        if len(pieces) == 1:
+            return pieces[0]
+        return b"".join(pieces)
+
+    async def _read_chunk(self, ino: int, indx: int, coff: int, n: int, of: _OpenFile) -> list:
+        """The bytes [coff, coff+n) of a chunk as a list of buffers."""
+        segs = await self._segments(ino, indx, of)
+        out = []
+        pos, end = coff, coff + n
+        bs = self.bs
+        for g in segs:
+            if g.end <= pos:
+                continue
+            if g.start >= end:
+                break
+            if g.start > pos:
+                out.append(bytes(g.start - pos))
+                pos = g.start
+            stop = min(end, g.end)
+            if g.sid == 0:
+                out.append(bytes(stop - pos))
+            else:
+                so = g.soff + (pos - g.start)
+                while pos < stop:
+                    bi, bo = divmod(so, bs)
+                    take = min(stop - pos, bs - bo)
+                    key = block_key(self.volume, g.sid, bi, min(bs, g.ssize - bi * bs))
+                    data = self.cache.cached(key) or await self.cache.get(key)
+                    out.append(memoryview(data)[bo:bo + take])
+                    pos += take
+                    so += take
+            pos = stop
+        if pos < end:
+            out.append(bytes(end - pos))
+        return out
+
+    def _readahead(self, h: Handle, of: _OpenFile, off: int, end: int) -> None:
+        """Prefetch the blocks after a sequential reader, deeper as it keeps going."""
+        if off == h.next_off or off == 0:
+            h.seq += 1
+        else:
+            h.seq = 0
+        h.next_off = end
+        if h.seq < 2 or self.opts.prefetch <= 0:
+            return
+        depth = min(self.opts.prefetch, h.seq) * self.bs
+        stop = min(of.length, end + depth)
+        indx = end // CHUNK_SIZE
+        segs = of.chunks.get(indx)
+        if segs is None:
+            return
+        coff_start, coff_stop = end - indx * CHUNK_SIZE, min(stop - indx * CHUNK_SIZE, CHUNK_SIZE)
+        for g in segs:
+            if g.end <= coff_start or g.sid == 0:
+                continue
+            if g.start >= coff_stop:
+                break
+            a, b = max(g.start, coff_start), min(g.end, coff_stop)
+            first = (g.soff + a - g.start) // self.bs
+            last = (g.soff + b - g.start - 1) // self.bs
+            for bi in range(first, last + 1):
+                self.cache.prefetch(block_key(self.volume, g.sid, bi, min(self.bs, g.ssize - bi * self.bs)))
+
+    # ---- directories ------------------------------------------------------
+    async def opendir(self, ino: int) -> int:
+        return self._new_handle(ino, 0)
+
+    async def readdir(self, fh: int, start: int, count: int = 256) -> list[tuple[bytes, Attr, int]]:
+        """Entries from offset `start` of a snapshot taken when reading starts
+        at offset 0, so offsets stay valid while the directory changes."""
+        h = self.handles[fh]
+        if h.entries is None or start == 0:
+            ents = await self.meta.readdir(h.ino)
+            a = await self.meta.getattr(h.ino)
+            h.entries = [(b".", h.ino, "d"), (b"..", a.parent or ROOT_INODE, "d")] + ents
+        batch = h.entries[start:start + count]
+        attrs = await self.meta.getattrs([ino for _, ino, _ in batch])
+        out = []
+        for i, ((name, _, _), a) in enumerate(zip(batch, attrs)):
+            if a is not None:  # removed since the snapshot
+                out.append((name, self._overlay(a), start + i + 1))
+        return out
+
+    async def releasedir(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    # ---- misc -------------------------------------------------------------
+    async def statfs(self) -> tuple[int, int, int, int]:
+        return await self.meta.statfs()
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        return await self.meta.getxattr(ino, name)
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        return await self.meta.listxattr(ino)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        await self.meta.setxattr(ino, name, value)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        await self.meta.removexattr(ino, name)

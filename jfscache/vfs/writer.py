@@ -1,0 +1,198 @@
+"""Write buffering: slices per chunk, blocks uploaded as they fill, commits in order.
+
+A write lands in the newest open slice of its chunk when it continues it (or
+rewrites a part not yet uploaded); otherwise it starts a new slice, and the
+previous one is frozen. A block is uploaded as soon as it is full; a frozen
+slice uploads its last partial block, waits for all of its uploads and only
+then commits its metadata, after the slices frozen before it. So data is
+always in the store before metadata points at it, and slices of one file
+commit in the order they were written (newest wins on reads).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import trio
+
+from ..layout import CHUNK_SIZE, block_key
+from ..meta.engine import Slice
+
+log = logging.getLogger("jfscache.writer")
+
+
+class WriteBudget:
+    """Bytes held in write buffers of all files. A writer above the limit
+    waits for uploads to drain, so memory stays bounded (slower, not dead)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.uploading = 0
+        self._changed = trio.Event()
+
+    def add(self, n: int) -> None:
+        self.used += n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._changed.set()
+        self._changed = trio.Event()
+
+    @property
+    def over(self) -> bool:
+        return self.used > self.limit
+
+    async def wait(self) -> None:
+        # Stop waiting when nothing is uploading: what remains are partial
+        # blocks of idle files, and waiting for those could never end.
+        while self.used > self.limit and self.uploading:
+            await self._changed.wait()
+
+
+class SliceWriter:
+    def __init__(self, fw: "FileWriter", indx: int, pos: int, sid: int):
+        self.fw = fw
+        self.indx = indx
+        self.pos = pos  # start within the chunk
+        self.id = sid
+        self.length = 0
+        self.bufs: dict[int, bytearray] = {}
+        self.uploaded: set[int] = set()
+        self.inflight = 0
+        self.idle = trio.Event()
+        self.idle.set()
+        self.frozen = False
+        self.done = trio.Event()
+
+    def can_take(self, coff: int, n: int) -> bool:
+        so = coff - self.pos
+        if self.frozen or so < 0 or so > self.length:
+            return False
+        bs = self.fw.bs
+        return not any(b in self.uploaded for b in range(so // bs, (so + n - 1) // bs + 1))
+
+    def write(self, so: int, mv: memoryview) -> None:
+        bs, budget = self.fw.bs, self.fw.budget
+        i = 0
+        while i < len(mv):
+            bi, bo = divmod(so + i, bs)
+            n = min(bs - bo, len(mv) - i)
+            buf = self.bufs.get(bi)
+            if buf is None:
+                buf = self.bufs[bi] = bytearray()
+            before = len(buf)
+            buf[bo:bo + n] = mv[i:i + n]
+            budget.add(len(buf) - before)
+            i += n
+            if len(buf) == bs:
+                self._upload(bi)
+        self.length = max(self.length, so + len(mv))
+
+    def _upload(self, bi: int) -> None:
+        data = bytes(self.bufs.pop(bi))
+        self.uploaded.add(bi)
+        if self.inflight == 0:
+            self.idle = trio.Event()
+        self.inflight += 1
+        self.fw.budget.uploading += 1
+        self.fw.nursery.start_soon(self._do_upload, bi, data)
+
+    async def _do_upload(self, bi: int, data: bytes) -> None:
+        fw = self.fw
+        try:
+            async with fw.upload_limiter:
+                await fw.cache.put(block_key(fw.volume, self.id, bi, len(data)), data)
+        except Exception as e:
+            log.error("upload of slice %d block %d of inode %d failed: %s", self.id, bi, fw.ino, e)
+            fw.error = fw.error or e
+        finally:
+            fw.budget.uploading -= 1
+            fw.budget.release(len(data))
+            self.inflight -= 1
+            if self.inflight == 0:
+                self.idle.set()
+
+    def freeze(self, prev_done: trio.Event) -> None:
+        self.frozen = True
+        for bi in sorted(self.bufs):
+            self._upload(bi)
+        self.fw.nursery.start_soon(self._commit, prev_done)
+
+    async def _commit(self, prev_done: trio.Event) -> None:
+        fw = self.fw
+        try:
+            await self.idle.wait()
+            await prev_done.wait()
+            if fw.error is None and self.length:
+                s = Slice(self.pos, self.id, self.length, 0, self.length)
+                length = await fw.meta.write_slice(fw.ino, self.indx, s)
+                fw.on_commit(fw.ino, self.indx, length)
+        except Exception as e:
+            log.error("commit of slice %d of inode %d failed: %s", self.id, fw.ino, e)
+            fw.error = fw.error or e
+        finally:
+            self.done.set()
+
+
+class FileWriter:
+    """Dirty data of one inode."""
+
+    def __init__(self, ino: int, *, meta, cache, volume: str, bs: int, budget: WriteBudget,
+                 upload_limiter: trio.CapacityLimiter, nursery: trio.Nursery, on_commit):
+        self.ino = ino
+        self.meta, self.cache, self.volume, self.bs = meta, cache, volume, bs
+        self.budget, self.upload_limiter, self.nursery = budget, upload_limiter, nursery
+        self.on_commit = on_commit
+        self.active: dict[int, SliceWriter] = {}  # newest open slice per chunk
+        self.last_done = trio.Event()
+        self.last_done.set()
+        self.length = 0  # end of the furthest write, for getattr while data is buffered
+        self.error: Exception | None = None
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.active) or not self.last_done.is_set()
+
+    def _freeze(self, sw: SliceWriter) -> None:
+        if self.active.get(sw.indx) is sw:
+            del self.active[sw.indx]
+        prev, self.last_done = self.last_done, sw.done
+        sw.freeze(prev)
+
+    async def write(self, off: int, data) -> None:
+        if self.error is not None:
+            raise OSError(errno.EIO, f"an earlier write to this file failed: {self.error}")
+        mv = memoryview(data)
+        done = 0
+        while done < len(mv):
+            fo = off + done
+            indx, coff = divmod(fo, CHUNK_SIZE)
+            n = min(len(mv) - done, CHUNK_SIZE - coff)
+            sw = self.active.get(indx)
+            if sw is None or not sw.can_take(coff, n):
+                sid = await self.meta.new_slice_id()
+                old = self.active.get(indx)  # may have changed while we waited
+                if old is not None:
+                    self._freeze(old)
+                sw = self.active[indx] = SliceWriter(self, indx, coff, sid)
+            sw.write(coff - sw.pos, mv[done:done + n])
+            if sw.pos + sw.length == CHUNK_SIZE:
+                self._freeze(sw)
+            done += n
+        self.length = max(self.length, off + len(mv))
+        if self.budget.over:
+            self.freeze_all()
+            await self.budget.wait()
+
+    def freeze_all(self) -> None:
+        for sw in list(self.active.values()):
+            self._freeze(sw)
+
+    async def flush(self) -> None:
+        self.freeze_all()
+        await self.last_done.wait()
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise OSError(errno.EIO, f"{os.strerror(errno.EIO)}: {e}")
