@@ -181,19 +181,27 @@ class S3Storage(ObjectStorage):
         )
         self._client_cm = None
         self._client = None
+        self._loop = None  # the trio_asyncio loop the client was made in
         self._client_lock = trio.Lock()
 
     # -- plumbing -----------------------------------------------------------
 
     async def _get_client(self):
-        if self._client is not None:
+        loop = trio_asyncio.current_loop.get()
+        if self._client is not None and self._loop is loop:
             return self._client
-        if trio_asyncio.current_loop.get() is None:
+        if loop is None:
             raise RuntimeError(
                 "S3 storage must be used inside 'async with trio_asyncio.open_loop()' "
                 "(or through jfscache.storage.run_with_loop)"
             )
         async with self._client_lock:
+            if self._loop is not loop:
+                # The client's connection pool belongs to the loop it was made
+                # in; a store reused in a later trio_asyncio loop (e.g. two
+                # run_with_loop calls) needs a fresh client. The old one's
+                # loop is gone, so there is nothing left to close.
+                self._client_cm = self._client = None
             if self._client is None:
                 cm = get_session().create_client(
                     "s3",
@@ -207,7 +215,7 @@ class S3Storage(ObjectStorage):
                     client = await trio_asyncio.aio_as_trio(cm.__aenter__)()
                 except (BotoCoreError, ClientError) as e:
                     raise self.translate(e, "connect") from e
-                self._client_cm, self._client = cm, client
+                self._client_cm, self._client, self._loop = cm, client, loop
         return self._client
 
     async def _run(self, op: str, key: str | None, fn, *args):
@@ -251,7 +259,11 @@ class S3Storage(ObjectStorage):
             )
         if isinstance(e, SSLError):
             return Unreachable(f"TLS connection to S3 endpoint {self.endpoint} failed: {e}")
-        if isinstance(e, (ResponseStreamingError, IncompleteReadError, FlexibleChecksumError, aiohttp.ClientError)):
+        if isinstance(e, FlexibleChecksumError):
+            return StorageError(
+                f"S3 {what} at {self.url}: data failed its checksum {self._max_attempts} times: {e}"
+            )
+        if isinstance(e, (ResponseStreamingError, IncompleteReadError, aiohttp.ClientError)):
             return Unreachable(f"S3 endpoint {self.endpoint} broke off {what} after {self._max_attempts} attempts: {e}")
         if isinstance(e, (BotoConnectionError, HTTPClientError, asyncio.TimeoutError)):
             # EndpointConnectionError, ConnectTimeoutError, ProxyConnectionError
@@ -390,5 +402,5 @@ class S3Storage(ObjectStorage):
 
     async def close(self) -> None:
         cm, self._client_cm, self._client = self._client_cm, None, None
-        if cm is not None:
+        if cm is not None and self._loop is trio_asyncio.current_loop.get():
             await trio_asyncio.aio_as_trio(cm.__aexit__)(None, None, None)
