@@ -259,6 +259,8 @@ class VFS:
         if h.ino == STATS_INODE:
             raise OSError(errno.EACCES, os.strerror(errno.EACCES))
         await self._writer(h.ino).write(off, data)
+        STATS.add("fuse_writes")
+        STATS.add("fuse_write_bytes", len(data))
         return len(data)
 
     async def flush(self, fh: int) -> None:
@@ -317,6 +319,8 @@ class VFS:
         if off >= end:
             return b""
         self._readahead(h, of, off, end)
+        STATS.add("fuse_reads")
+        STATS.add("fuse_read_bytes", end - off)
         pieces = []
         pos = off
         while pos < end:
