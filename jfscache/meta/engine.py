@@ -80,11 +80,12 @@ class Attr:
 
 
 def _oserror(e: RedisError) -> OSError:
-    name = str(e).split()[0]
-    code = getattr(errno, name, None)
-    if code is None:
-        return OSError(errno.EIO, f"metadata error: {e}")
-    return OSError(code, os.strerror(code))
+    # Scripts fail with an errno name; Redis may prefix it ("ERR ENOTEMPTY").
+    for word in str(e).split()[:2]:
+        code = getattr(errno, word, None) if word.startswith("E") else None
+        if isinstance(code, int):
+            return OSError(code, os.strerror(code))
+    return OSError(errno.EIO, f"metadata error: {e}")
 
 
 def _check_name(name: bytes):

@@ -134,9 +134,12 @@ class VFS:
 
     # ---- attributes -------------------------------------------------------
     def _overlay(self, a: Attr) -> Attr:
+        """Attributes as this node's buffered writes will make them."""
         fw = self.writers.get(a.ino)
-        if fw is not None and fw.length > a.length:
-            a.length = fw.length
+        if fw is not None:
+            a.length = max(a.length, fw.length)
+            a.mtime = max(a.mtime, fw.mtime)
+            a.ctime = max(a.ctime, fw.mtime)
         return a
 
     async def getattr(self, ino: int) -> Attr:
@@ -154,9 +157,11 @@ class VFS:
         return Attr(STATS_INODE, "f", 0o444, 0, 0, 0, 1, 1 << 20, now, now, now, ROOT_INODE)
 
     async def setattr(self, ino: int, *, size: int | None = None, **fields) -> Attr:
+        # Buffered writes commit with mtime = now: flush them first so that
+        # they cannot override explicit times, or land after a truncate.
+        await self._flush_ino(ino)
         a = None
         if size is not None:
-            await self._flush_ino(ino)
             a = await self.meta.truncate(ino, size)
             of = self.files.get(ino)
             if of is not None:

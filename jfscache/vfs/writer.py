@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 
 import trio
 
@@ -149,6 +150,7 @@ class FileWriter:
         self.last_done = trio.Event()
         self.last_done.set()
         self.length = 0  # end of the furthest write, for getattr while data is buffered
+        self.mtime = 0  # time of the last write, likewise
         self.error: Exception | None = None
 
     @property
@@ -182,6 +184,7 @@ class FileWriter:
                 self._freeze(sw)
             done += n
         self.length = max(self.length, off + len(mv))
+        self.mtime = time.time_ns()
         if self.budget.over:
             self.freeze_all()
             await self.budget.wait()
