@@ -23,6 +23,8 @@ def metrics(cfg: dict) -> list[tuple[str, str, str, str, bool]]:
         ("warm_read", "warm_read_MBps", f"Warm read {size} (local disk cache, page cache dropped)", "MB/s", True),
         ("pagecache_read", "pagecache_read_MBps", f"Page-cache re-read {size}", "MB/s", True),
         ("rand_read_4k", "rand4k_iops", "Random 4 KiB reads, warm, QD1", "IOPS", True),
+        ("rand_read_4k", "rand4k_MBps", "Random 4 KiB reads, warm, QD1", "MB/s", True),
+        ("rand_read_128k", "rand128k_iops", "Random 128 KiB reads, warm, QD1", "IOPS", True),
         ("rand_read_128k", "rand128k_MBps", "Random 128 KiB reads, warm, QD1", "MB/s", True),
         ("metadata", "meta_create_ops", f"Metadata: create {m:,} files in one dir", "ops/s", True),
         ("metadata", "meta_stat_ops", "Metadata: stat (kernel caches dropped)", "ops/s", True),
@@ -82,7 +84,8 @@ def table(result: dict) -> tuple[list[str], list[tuple[str, float, bool]]]:
         ratio = None
         if a and b and statistics.median(b) > 0:
             ratio = statistics.median(a) / statistics.median(b)
-            ratios.append((label, ratio, higher))
+            if not (step.startswith("rand_read") and unit == "MB/s"):  # same ratio as IOPS
+                ratios.append((label, ratio, higher))
         rows.append(f"| {label} | {unit} | {'higher' if higher else 'lower'} | {cell(a)} | {cell(b)} | "
                     f"{'—' if ratio is None else f'{ratio:.2f}'} | {len(a)} / {len(b)} |")
     return rows, ratios
@@ -106,15 +109,23 @@ def chart(ratios: list[tuple[str, float, bool]], png: Path, title: str) -> None:
     colors = ["tab:green" if (r >= 1) == h else "tab:red" for _, r, h in ratios]
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(ratios) + 1.5))
     y = range(len(ratios))[::-1]
-    ax.barh(list(y), vals, color=colors, left=0)
+    # bars grow from 1.0 (parity) to the ratio, left or right, on a log axis
+    ax.barh(list(y), [v - 1.0 for v in vals], left=1.0, color=colors)
     ax.set_yticks(list(y))
     ax.set_yticklabels(labels, fontsize=8)
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_xscale("log")
     lo, hi = min(vals + [1.0]), max(vals + [1.0])
-    ax.set_xlim(lo / 1.5, hi * 1.5)
+    ax.set_xlim(lo / 1.3, hi * 1.3)
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 10, 20, 50, 100)
+             if lo / 1.3 <= t <= hi * 1.3]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     for yi, v in zip(y, vals):
-        ax.text(v, yi, f" {v:.2f}", va="center", fontsize=8)
+        ax.text(v, yi, f" {v:.2f} " if v >= 1 else f" {v:.2f} ", va="center", fontsize=8,
+                ha="left" if v >= 1 else "right")
     ax.set_xlabel("jfscache / JuiceFS (median of runs; log scale; green = jfscache better)")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -150,7 +161,7 @@ def write(result: dict, md: Path, png: Path, json_path: Path | None = None) -> N
         "| --- | --- | --- | --- | --- | --- | --- |",
         *rows,
         "",
-        "![ratios](results.png)" if png.parent == md.parent else f"Chart: `{png}`",
+        f"![ratios]({png.name})" if png.parent == md.parent else f"Chart: `{png}`",
         "",
     ]
     nf = []
@@ -189,7 +200,11 @@ def write(result: dict, md: Path, png: Path, json_path: Path | None = None) -> N
     if notes or errs:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + errs + [""]
     if json_path:
-        lines += [f"Raw figures: `{json_path}` (bench/out/ is not committed).", ""]
+        try:
+            shown = Path(json_path).resolve().relative_to(Path(__file__).resolve().parent.parent)
+        except ValueError:
+            shown = json_path
+        lines += [f"Raw figures: `{shown}` (bench/out/ is not committed).", ""]
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(lines))
     chart(ratios, png, f"jfscache / JuiceFS, {nruns} run(s)"

@@ -270,9 +270,10 @@ def main(argv=None) -> int:
             order = targets if r % 2 == 0 else list(reversed(targets))
             ctx = Ctx(cfg=cfg, run=r, python=python, can_drop=can_drop)
             run_rec = {"run": r, "order": [t.name for t in order], "results": {t.name: {} for t in order},
-                       "errors": {t.name: {} for t in order}}
+                       "errors": {t.name: {} for t in order}, "loadavg_at_start": os.getloadavg()}
             result["runs"].append(run_rec)
-            log(f"=== run {r + 1}/{args.runs}, order {run_rec['order']}")
+            log(f"=== run {r + 1}/{args.runs}, order {run_rec['order']}, "
+                f"load average {os.getloadavg()[0]:.2f} (others' work on this machine adds noise)")
             for step in steps:
                 for t in order:
                     errs = run_rec["errors"][t.name]

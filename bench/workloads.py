@@ -233,6 +233,9 @@ def _random_reads(t: Target, ctx: Ctx, bs: int, max_ops: int, key: str) -> dict:
     size = ctx.cfg.size_mib * MiB
     path = ctx.bigfile(t)
     _need(path, size)
+    # a fresh daemon, its disk cache kept: what is measured is the disk tier
+    # (plus whatever the daemon itself loads), not leftovers of earlier steps
+    t.remount(clean_cache=False)
     _drop(ctx)
     nblocks = size // bs
     # the same offsets for every target in a run; without replacement, so no

@@ -1,6 +1,7 @@
 """The mount daemon: wires storage, cache, metadata, VFS and FUSE, and runs them on trio."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ import trio
 import trio_asyncio
 
 from .cache.blocks import BlockCache
+from .cache.disk import DiskCache
 from .fuse.ops import Operations
 from .meta.engine import Meta
 from .storage import create_storage
@@ -55,65 +57,59 @@ def _raise_read_ahead(mountpoint: str, kb: int) -> None:
         log.info("could not raise %s to %d: %s", path, kb, e)
 
 
-async def _serve(cfg: MountConfig, ready=None) -> None:
-    async with trio_asyncio.open_loop():
+async def _serve(cfg: MountConfig) -> None:
+    async with trio_asyncio.open_loop(), contextlib.AsyncExitStack() as stack:
         meta = Meta(cfg.meta_url)
+        stack.push_async_callback(meta.aclose)
         settings = await meta.load()
         storage = open_storage(settings)
+        stack.push_async_callback(storage.close)
         await storage.check()
         disk = None
         if cfg.cache_dirs and cfg.cache_size > 0:
-            from .cache.disk import DiskCache
             disk = DiskCache(cfg.cache_dirs, cfg.cache_size, cfg.free_space_ratio)
             await disk.open()
+            stack.callback(disk.close)
         cache = BlockCache(storage, cfg.mem_cache_size, disk=disk, max_prefetch=max(1, cfg.opts.prefetch))
         vfs = VFS(meta, cache, cfg.opts)
-        ops = Operations(vfs)
         options = set(pyfuse3.default_options)
         options |= {f"fsname=jfscache:{settings['name']}", "subtype=jfscache"}
         if cfg.allow_other if cfg.allow_other is not None else os.geteuid() == 0:
             options.add("allow_other")
-        pyfuse3.init(ops, cfg.mountpoint, options)
+        pyfuse3.init(Operations(vfs), cfg.mountpoint, options)
+        stack.callback(pyfuse3.close, unmount=True)
+        stack.push_async_callback(_close_session, meta)
+        await meta.new_session(cfg.mountpoint)
+        log.info("mounted volume %s at %s (session %d)", settings["name"], cfg.mountpoint, meta.sid)
+        async with trio.open_nursery() as n:
+            await vfs.start(n)
+            cache.start(n)
+            if disk is not None:
+                disk.start(n)
+            n.start_soon(_on_signals, vfs)
+            if cfg.read_ahead_kb:
+                n.start_soon(trio.to_thread.run_sync, _raise_read_ahead, cfg.mountpoint, cfg.read_ahead_kb)
+            await pyfuse3.main()
+            await vfs.shutdown()
+            n.cancel_scope.cancel()
+    log.info("unmounted %s", cfg.mountpoint)
+
+
+async def _on_signals(vfs: VFS) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        async for s in sigs:
+            log.info("got %s: flushing and unmounting", signal.Signals(s).name)
+            await vfs.shutdown()
+            pyfuse3.terminate()
+            return
+
+
+async def _close_session(meta: Meta) -> None:
+    with trio.CancelScope(shield=True):
         try:
-            await meta.new_session(cfg.mountpoint)
-            log.info("mounted volume %s at %s (session %d)", settings["name"], cfg.mountpoint, meta.sid)
-            async with trio.open_nursery() as n:
-                await vfs.start(n)
-                cache.start(n)
-                if disk is not None:
-                    disk.start(n)
-
-                async def on_signals():
-                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-                        async for s in sigs:
-                            log.info("got %s: flushing and unmounting", signal.Signals(s).name)
-                            await vfs.shutdown()
-                            pyfuse3.terminate()
-                            return
-
-                async def after_mount():
-                    if cfg.read_ahead_kb:
-                        await trio.to_thread.run_sync(_raise_read_ahead, cfg.mountpoint, cfg.read_ahead_kb)
-                    if ready is not None:
-                        ready()
-
-                n.start_soon(on_signals)
-                n.start_soon(after_mount)
-                await pyfuse3.main()
-                await vfs.shutdown()
-                n.cancel_scope.cancel()
-        finally:
-            pyfuse3.close(unmount=True)
-            with trio.CancelScope(shield=True):
-                try:
-                    await meta.close_session()
-                except Exception as e:
-                    log.warning("closing the session failed: %s", e)
-                if disk is not None:
-                    disk.close()
-                await storage.close()
-                await meta.aclose()
-        log.info("unmounted %s", cfg.mountpoint)
+            await meta.close_session()
+        except Exception as e:
+            log.warning("closing the session failed: %s", e)
 
 
 def run_mount(cfg: MountConfig) -> None:

@@ -19,7 +19,6 @@ import os
 import shutil
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import time
@@ -256,7 +255,7 @@ def test_lookup_errors(mnt):
 def test_dot_and_dotdot(mnt):
     os.makedirs(mnt / "a" / "b")
     a, b = os.stat(mnt / "a"), os.stat(mnt / "a" / "b")
-    assert os.stat(mnt / "a" / ".").st_ino == a.st_ino
+    assert os.stat(str(mnt / "a") + "/.").st_ino == a.st_ino  # (pathlib drops ".")
     assert os.stat(mnt / "a" / "b" / "..").st_ino == a.st_ino
     assert os.stat(mnt / "a" / "..").st_ino == os.stat(mnt).st_ino
     assert os.stat(mnt / "a" / "b" / ".." / "b").st_ino == b.st_ino
@@ -732,7 +731,7 @@ def test_rmdir(mnt):
     expect_errno(errno.ENOTDIR, os.rmdir, mnt / "f")
     expect_errno(errno.ENOTDIR, os.rmdir, mnt / "ld")
     expect_errno(errno.ENOENT, os.rmdir, mnt / "missing")
-    expect_errno(errno.EINVAL, os.rmdir, mnt / "d" / "sub" / ".")
+    expect_errno(errno.EINVAL, os.rmdir, str(mnt / "d" / "sub") + "/.")  # (pathlib drops ".")
     os.rmdir(mnt / "d" / "sub")
     os.rmdir(mnt / "d")
     expect_errno(errno.ENOENT, os.stat, mnt / "d")

@@ -428,6 +428,52 @@ def test_s3_one_client_reused(moto_url):
     run(lambda: create_storage("s3", url, **CREDS), body)
 
 
+def test_s3_store_survives_loop_change(moto_url):
+    """A store used by two separate run_with_loop calls (as a CLI might)
+    makes a fresh client for the second loop."""
+    s = create_storage("s3", f"{moto_url}/{bucket_name()}", **CREDS)
+
+    async def first():
+        await s.create()
+        await s.put("k", b"v")
+        return s._client
+
+    async def second():
+        try:
+            assert await s.get("k") == b"v"
+            return s._client
+        finally:
+            await s.close()
+
+    c1 = run_with_loop(first)  # not closed: its loop just ends
+    c2 = run_with_loop(second)
+    assert c1 is not c2
+
+
+def test_s3_no_credentials(moto_url, monkeypatch, tmp_path):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no 1 s IMDS probe
+
+    async def body(s):
+        with pytest.raises(AccessDenied, match="no S3 credentials .* AWS_ACCESS_KEY_ID"):
+            await s.put("k", b"v")
+
+    run(lambda: create_storage("s3", f"{moto_url}/{bucket_name()}"), body)
+
+    # and the standard environment variables are picked up
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "env-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
+
+    async def body2(s):
+        assert await s.create() is True
+        await s.check()
+
+    run(lambda: create_storage("s3", f"{moto_url}/{bucket_name()}"), body2)
+
+
 def test_s3_no_such_bucket(moto_url):
     url = f"{moto_url}/{bucket_name()}"
 
@@ -561,6 +607,26 @@ def test_s3_unreachable_read_timeout():
         with trio.fail_after(10):
             with pytest.raises(Unreachable, match="does not answer"):
                 await s.get("k")
+
+    try:
+        run(make, body)
+    finally:
+        lsock.close()
+
+
+def test_s3_trio_cancellation():
+    """A trio cancel scope interrupts a request waiting inside asyncio."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    port = lsock.getsockname()[1]
+    make = lambda: create_storage("s3", f"http://127.0.0.1:{port}/bkt", **CREDS, read_timeout=30)  # noqa: E731
+
+    async def body(s):
+        with trio.fail_after(10):
+            with trio.move_on_after(0.3) as scope:
+                await s.get("k")
+        assert scope.cancelled_caught
 
     try:
         run(make, body)

@@ -390,6 +390,10 @@ class S3Storage(ObjectStorage):
             kw = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": self.page_size, "ContinuationToken": token}
 
     async def check(self) -> None:
+        # Ask for the bucket first: some servers (SeaweedFS) silently create a
+        # missing bucket on PUT, which would hide a bucket deleted after format.
+        if await self._run("check bucket", self.bucket, self._aio_bucket_missing):
+            raise NoSuchBucket(f"bucket '{self.bucket}' does not exist at {self.endpoint}")
         key = "jfscache-check-" + secrets.token_hex(8)
         data = b"jfscache storage check " + key.encode()
         await self.put(key, data)

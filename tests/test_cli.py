@@ -1,0 +1,312 @@
+"""The command line: bad input gets one clear line on stderr, a non-zero exit
+and no traceback; format, status, mount (-d, foreground, embedded) and
+umount do what they say."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import (
+    JFSCACHE,
+    MiB,
+    assert_clean_error,
+    assert_ok,
+    describe,
+    file_sha256,
+    free_port,
+    is_mounted,
+    new_dir,
+    pids_with_arg,
+    run_cli,
+    unique_bucket,
+    wait_for,
+)
+
+pytestmark = pytest.mark.usefixtures("_no_plain_dir")
+
+FAIL_FAST = 30   # seconds a failing command may take (it must not hang or retry forever)
+
+
+@pytest.fixture
+def _no_plain_dir():
+    if os.environ.get("JFSCACHE_TEST_DIR"):
+        pytest.skip("CLI tests need the servers (JFSCACHE_TEST_DIR is set)")
+
+
+def closed_redis_url() -> str:
+    return f"redis://127.0.0.1:{free_port()}/1"
+
+
+def expect_mount_failure(mounts, args: list[str], mountpoint: Path, env=None,
+                         timeout: float = FAIL_FAST) -> subprocess.CompletedProcess:
+    """Run a `jfscache mount ...` that must fail. If it mounts or hangs
+    instead, it is cleaned up and the test fails."""
+    mounts.track_mountpoint(mountpoint)
+    proc = subprocess.Popen([*JFSCACHE, *map(str, args)], env=env, text=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"`jfscache {' '.join(map(str, args))}` did not fail within {timeout}s "
+                    f"(mounted: {is_mounted(mountpoint)})\nstdout:\n{out}\nstderr:\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+# ---------------------------------------------------------------------------
+# bad input
+
+@pytest.mark.parametrize("command", ["format", "status", "mount"])
+def test_redis_unreachable(command, mounts, tmp_dir):
+    url = closed_redis_url()
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    pattern = rf"redis|connect|refused|unreachable|{port}"
+    if command == "format":
+        r = run_cli("format", url, "vol", "--storage", "file", "--bucket",
+                    tmp_dir / "store", timeout=FAIL_FAST)
+        assert_clean_error(r, pattern)
+    elif command == "status":
+        assert_clean_error(run_cli("status", url, timeout=FAIL_FAST), pattern)
+    else:
+        mp = new_dir("mnt")
+        r = expect_mount_failure(mounts, ["mount", url, mp, "--cache-dir", new_dir("cache")], mp)
+        assert_clean_error(r, pattern, strict=False)
+        assert not is_mounted(mp)
+
+
+@pytest.mark.parametrize("command", ["status", "mount"])
+def test_volume_not_formatted(command, redis_server, mounts):
+    url = redis_server.url(redis_server.new_db())
+    pattern = r"not formatted|format"
+    if command == "status":
+        assert_clean_error(run_cli("status", url, timeout=FAIL_FAST), pattern)
+    else:
+        mp = new_dir("mnt")
+        r = expect_mount_failure(mounts, ["mount", url, mp, "--cache-dir", new_dir("cache")], mp)
+        assert_clean_error(r, pattern, strict=False)
+        assert not is_mounted(mp)
+
+
+def test_format_wrong_s3_credentials(redis_server, s3_server):
+    bucket = unique_bucket()
+    env = dict(s3_server.env, AWS_SECRET_ACCESS_KEY="wrong-secret-0123456789")
+    r = run_cli("format", redis_server.url(redis_server.new_db()), "vol", "--storage", "s3",
+                "--bucket", s3_server.bucket_url(bucket), env=env, timeout=FAIL_FAST)
+    assert_clean_error(r, r"credential|access|secret|signature|denied|forbidden|auth|403",
+                       secrets_=["wrong-secret-0123456789"])
+    assert not s3_server.bucket_exists(bucket)
+
+
+def test_format_wrong_s3_access_key(redis_server, s3_server):
+    bucket = unique_bucket()
+    env = dict(s3_server.env, AWS_ACCESS_KEY_ID="NOSUCHKEY")
+    r = run_cli("format", redis_server.url(redis_server.new_db()), "vol", "--storage", "s3",
+                "--bucket", s3_server.bucket_url(bucket), env=env, timeout=FAIL_FAST)
+    assert_clean_error(r, r"credential|access|key|signature|denied|forbidden|auth|403",
+                       secrets_=[s3_server.secret_key])
+
+
+def test_format_s3_endpoint_not_answering(redis_server, s3_server):
+    port = free_port()
+    meta = redis_server.url(redis_server.new_db())
+    r = run_cli("format", meta, "vol", "--storage", "s3", "--bucket",
+                f"http://127.0.0.1:{port}/{unique_bucket()}", env=s3_server.env,
+                timeout=FAIL_FAST)
+    assert_clean_error(r, rf"connect|refused|unreachable|endpoint|reach|timed? ?out|{port}")
+    # nothing was formatted: status still says so
+    assert run_cli("status", meta, timeout=FAIL_FAST).returncode != 0
+
+
+def test_mount_bucket_deleted_after_format(make_volume, s3_server, mounts):
+    vol = make_volume("s3")
+    s3_server.delete_bucket(vol.bucket)
+    mp = new_dir("mnt")
+    r = expect_mount_failure(mounts, ["mount", vol.meta_url, mp, "--cache-dir", new_dir("cache")],
+                             mp, env=vol.env)
+    assert_clean_error(r, r"bucket|not exist|not found|no such|missing", strict=False)
+    assert not is_mounted(mp)
+
+
+def test_mount_point_does_not_exist(make_volume, mounts, tmp_dir):
+    vol = make_volume("file")
+    mp = tmp_dir / "no" / "such" / "dir"
+    r = expect_mount_failure(mounts, ["mount", vol.meta_url, mp, "--cache-dir", new_dir("cache")],
+                             mp, env=vol.env)
+    assert_clean_error(r, r"not exist|no such|not a directory|mount ?point|" + re.escape(str(mp)),
+                       strict=False)
+    assert not mp.exists()
+
+
+def test_mount_point_already_mounted(make_volume, mount_volume, mounts):
+    vol = make_volume("file")
+    m = mount_volume(vol)
+    (m.path / "before").write_bytes(b"first mount")
+    r = expect_mount_failure(mounts, ["mount", vol.meta_url, m.path,
+                                      "--cache-dir", new_dir("cache")], m.path, env=vol.env)
+    assert_clean_error(r, r"already|mounted|busy|in use", strict=False)
+    # the first mount is untouched and still serves
+    assert m.alive
+    assert (m.path / "before").read_bytes() == b"first mount"
+    (m.path / "after").write_bytes(b"still here")
+    assert (m.path / "after").read_bytes() == b"still here"
+    m.umount()
+    assert not is_mounted(m.path)
+
+
+def test_umount_not_mounted(tmp_dir):
+    r = run_cli("umount", tmp_dir, timeout=FAIL_FAST)
+    assert_clean_error(r, r"not mounted|not a mount|mount")
+
+
+# ---------------------------------------------------------------------------
+# format and status
+
+def test_format_creates_missing_bucket(redis_server, s3_server):
+    bucket = unique_bucket()
+    assert not s3_server.bucket_exists(bucket)
+    r = assert_ok(run_cli("format", redis_server.url(redis_server.new_db()), "vol",
+                          "--storage", "s3", "--bucket", s3_server.bucket_url(bucket),
+                          env=s3_server.env))
+    out = r.stdout + r.stderr
+    assert re.search(r"creat", out, re.I) and bucket in out, \
+        "format should say that it created the bucket\n" + describe(r)
+    assert s3_server.secret_key not in out
+    assert s3_server.bucket_exists(bucket)
+
+
+def test_format_file_store(make_volume):
+    vol = make_volume("file")
+    assert os.path.isdir(vol.bucket)
+    r = assert_ok(run_cli("status", vol.meta_url, env=vol.env))
+    assert vol.name in r.stdout
+
+
+def test_format_refuses_existing_volume_without_force(make_volume):
+    vol = make_volume("s3", name="first")
+    again = ["format", vol.meta_url, "second", "--storage", "s3", "--bucket", vol.bucket_url]
+    r = run_cli(*again, env=vol.env)
+    assert_clean_error(r, r"already|exist|force|formatted")
+    status = assert_ok(run_cli("status", vol.meta_url, env=vol.env)).stdout
+    assert "first" in status and "second" not in status
+    assert_ok(run_cli(*again, "--force", env=vol.env))
+    status = assert_ok(run_cli("status", vol.meta_url, env=vol.env)).stdout
+    assert "second" in status
+
+
+def test_format_options(make_volume):
+    vol = make_volume("file", block_size="4M", capacity=10, inodes=1000)
+    r = assert_ok(run_cli("status", vol.meta_url, env=vol.env))
+    assert vol.name in r.stdout
+
+
+def test_status_masks_secret_and_lists_sessions(make_volume, mount_volume, s3_server):
+    vol = make_volume("s3")
+    r = assert_ok(run_cli("status", vol.meta_url, env=vol.env))
+    out = r.stdout + r.stderr
+    assert s3_server.secret_key not in out, "status shows the S3 secret key\n" + describe(r)
+    assert vol.name in out and vol.bucket in out
+    m = mount_volume(vol)
+    r = assert_ok(run_cli("status", vol.meta_url, env=vol.env))
+    out = r.stdout + r.stderr
+    assert s3_server.secret_key not in out
+    assert str(m.path) in out, "status should list the mounted session\n" + describe(r)
+    m.umount()
+    wait_for(lambda: str(m.path) not in assert_ok(run_cli("status", vol.meta_url,
+                                                          env=vol.env)).stdout,
+             timeout=10, what="the session to leave status after umount")
+
+
+# ---------------------------------------------------------------------------
+# mount and umount
+
+def test_mount_daemon_returns_once_mounted(make_volume, mounts):
+    vol = make_volume("s3")
+    mp = new_dir("mnt")
+    log = new_dir("log") / "daemon.log"
+    mounts.track_mountpoint(mp)
+    r = run_cli("mount", vol.meta_url, mp, "--cache-dir", new_dir("cache"), "-d",
+                "--log", log, env=vol.env, timeout=60)
+    assert_ok(r)
+    assert is_mounted(mp) and os.path.ismount(mp), "mount -d returned before mounting"
+    (mp / "hello").write_bytes(b"hello -d")
+    assert (mp / "hello").read_bytes() == b"hello -d"
+    assert pids_with_arg(str(mp), also="jfscache"), "no daemon serving the mount point"
+    assert log.exists(), "--log FILE was not created"
+    assert_ok(run_cli("umount", mp, env=vol.env))
+    assert not is_mounted(mp)
+    wait_for(lambda: not pids_with_arg(str(mp), also="jfscache"), timeout=20,
+             what="the daemon to exit after umount")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_flushes_and_unmounts(sig, make_volume, mount_volume):
+    vol = make_volume("s3")
+    m = mount_volume(vol)
+    data = os.urandom(5 * MiB + 12345)
+    (m.path / "big").write_bytes(data)          # written and closed, never fsync'd
+    (m.path / "small").write_bytes(b"tiny")
+    (m.path / "dir").mkdir()
+    (m.path / "dir" / "nested").write_bytes(b"nested")
+    m.send_signal(sig)
+    m.wait_exit(30)                             # exit 0, unmounted
+    m.remount(clear_cache=True)                 # reads come from S3
+    assert (m.path / "big").read_bytes() == data
+    assert (m.path / "small").read_bytes() == b"tiny"
+    assert (m.path / "dir" / "nested").read_bytes() == b"nested"
+    m.umount()
+
+
+def test_embedded_default_mount(mounts, tmp_dir):
+    home = tmp_dir / "home"
+    state = tmp_dir / "state"
+    home.mkdir()
+    state.mkdir()
+    env = dict(os.environ, HOME=str(home), XDG_STATE_HOME=str(state))
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(k, None)
+    mp = new_dir("mnt")
+    m = mounts.start(["mount", str(mp)], mp, env)
+    payload = os.urandom(3 * MiB + 7)
+    (mp / "data").write_bytes(payload)
+    (mp / "sub").mkdir()
+    (mp / "sub" / "note").write_text("embedded")
+    m.umount()
+    assert any(state.rglob("*")), f"nothing was kept under XDG_STATE_HOME={state}"
+    m.start()
+    assert (mp / "data").read_bytes() == payload
+    assert (mp / "sub" / "note").read_text() == "embedded"
+    m.umount()
+    # the private redis-server went away with the daemon
+    wait_for(lambda: not _redis_pids_under(tmp_dir), timeout=10,
+             what="the embedded redis-server to stop after umount")
+
+
+def _redis_pids_under(root: Path) -> list[int]:
+    """Live redis-server processes whose cwd or command line is under root."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/comm") as f:
+                if not f.read().strip().startswith("redis-server"):
+                    continue
+            with open(f"/proc/{d}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            cwd = os.readlink(f"/proc/{d}/cwd")
+        except OSError:
+            continue
+        if str(root) in cwd or str(root) in cmd:
+            pids.append(int(d))
+    return pids
