@@ -91,6 +91,8 @@ async def _serve(cfg: MountConfig) -> None:
                 n.start_soon(trio.to_thread.run_sync, _raise_read_ahead, cfg.mountpoint, cfg.read_ahead_kb)
             await pyfuse3.main()
             await vfs.shutdown()
+            if disk is not None:
+                await disk.drain()
             n.cancel_scope.cancel()
     log.info("unmounted %s", cfg.mountpoint)
 

@@ -20,7 +20,7 @@ import logging
 import os
 import struct
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import lmdb
 import trio
@@ -54,7 +54,7 @@ class DiskCache:
     def __init__(self, dirs: list[str], capacity: int, free_ratio: float = 0.1):
         self.free_ratio = free_ratio
         self.dirs = [_Dir(os.path.abspath(d), capacity // len(dirs)) for d in dirs]
-        self._queue: list[tuple[_Dir, str, bytes]] = []
+        self._queue: deque[tuple[_Dir, str, bytes]] = deque()
         self._queued = 0
         self._wakeup = trio.Event()
         self._warned: set[str] = set()
@@ -109,6 +109,12 @@ class DiskCache:
     def start(self, nursery: trio.Nursery) -> None:
         nursery.start_soon(self._writer)
         nursery.start_soon(self._access_flusher)
+
+    async def drain(self, timeout: float = 30) -> None:
+        """Wait (bounded) until queued blocks are on disk, e.g. before unmount."""
+        with trio.move_on_after(timeout):
+            while self._queue:
+                await trio.sleep(0.01)
 
     def close(self) -> None:
         for d in self.dirs:
@@ -171,23 +177,28 @@ class DiskCache:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
             while self._queue:
-                d, key, data = self._queue.pop(0)
-                self._queued -= len(data)
+                d, key, data = self._queue[0]
                 if key in d.entries or time.monotonic() < d.broken_until:
+                    self._queue.popleft()
+                    self._queued -= len(data)
                     continue
                 try:
                     self._make_room(d, len(data))
                     h = await trio.to_thread.run_sync(_write_file, d.file(key), data)
                 except OSError as e:
                     self._write_failed(d, e)
-                    continue
-                # Index updates stay on the trio thread: no locking needed.
-                with d.env.begin(write=True) as txn:
-                    txn.put(key.encode(), _ENTRY.pack(len(data), h, time.time()))
-                d.entries[key] = (len(data), h)
-                d.used += len(data)
-                STATS.add("disk_writes")
-                STATS.add("disk_write_bytes", len(data))
+                else:
+                    # Index updates stay on the trio thread: no locking needed.
+                    with d.env.begin(write=True) as txn:
+                        txn.put(key.encode(), _ENTRY.pack(len(data), h, time.time()))
+                    d.entries[key] = (len(data), h)
+                    d.used += len(data)
+                    STATS.add("disk_writes")
+                    STATS.add("disk_write_bytes", len(data))
+                finally:
+                    # Dequeued only now, so that drain() also waits for this write.
+                    self._queue.popleft()
+                    self._queued -= len(data)
 
     def _write_failed(self, d: _Dir, e: OSError) -> None:
         cause = {errno.ENOSPC: "full", errno.EDQUOT: "full", errno.EACCES: "not writable",
