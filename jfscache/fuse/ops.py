@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
 import stat
 
 import pyfuse3

@@ -92,7 +92,9 @@ class SliceWriter:
         self.length = max(self.length, so + len(mv))
 
     def _upload(self, bi: int) -> None:
-        data = bytes(self.bufs.pop(bi))
+        # The buffer itself is uploaded and cached, without a copy: from now
+        # on nothing writes to it (can_take refuses uploaded blocks).
+        data = self.bufs.pop(bi)
         self.uploaded.add(bi)
         if self.inflight == 0:
             self.idle = trio.Event()
@@ -100,7 +102,7 @@ class SliceWriter:
         self.fw.budget.uploading += 1
         self.fw.nursery.start_soon(self._do_upload, bi, data)
 
-    async def _do_upload(self, bi: int, data: bytes) -> None:
+    async def _do_upload(self, bi: int, data: bytearray) -> None:
         fw = self.fw
         try:
             async with fw.upload_limiter:
