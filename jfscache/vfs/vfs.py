@@ -225,8 +225,9 @@ class VFS:
             of.chunks.clear()
         of.mtime, of.length = a.mtime, a.length
         of.count += 1
-        # (O_TRUNC never arrives here: without atomic_o_trunc the kernel
-        # truncates with setattr before it opens.)
+        if flags & os.O_TRUNC and a.length:  # libfuse asks for atomic_o_trunc
+            await self.setattr(ino, size=0)
+            unchanged = False
         return self._new_handle(ino, flags), unchanged
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Attr]:
