@@ -20,6 +20,7 @@ def metrics(cfg: dict) -> list[tuple[str, str, str, str, bool]]:
     return [
         ("seq_write", "seq_write_MBps", f"Sequential write {size}, 1 MiB writes + fsync", "MB/s", True),
         ("cold_read", "cold_read_MBps", f"Cold read {size} (from S3, empty cache)", "MB/s", True),
+        ("cold_read", "cold_read_cache_fill_pct", f"Disk cache filled by that cold read (of {size})", "%", True),
         ("warm_read", "warm_read_MBps", f"Warm read {size} (local disk cache, page cache dropped)", "MB/s", True),
         ("pagecache_read", "pagecache_read_MBps", f"Page-cache re-read {size}", "MB/s", True),
         ("rand_read_4k", "rand4k_iops", "Random 4 KiB reads, warm, QD1", "IOPS", True),
@@ -33,6 +34,7 @@ def metrics(cfg: dict) -> list[tuple[str, str, str, str, bool]]:
         ("metadata", "meta_unlink_ops", "Metadata: unlink", "ops/s", True),
         ("small_write", "small_write_files_per_s", f"Write {s:,} files of {kib} KiB (fsync each)", "files/s", True),
         ("small_read_cold", "small_read_cold_files_per_s", f"Read {s:,} × {kib} KiB, 4 readers, cold (S3)", "files/s", True),
+        ("small_read_cold", "small_read_cold_cache_fill_pct", "Disk cache filled by that cold read (of the files)", "%", True),
         ("small_read_warm", "small_read_warm_files_per_s", f"Read {s:,} × {kib} KiB, 4 readers, warm (disk cache)", "files/s", True),
         ("dataloader", "dataloader_files_per_s", "PyTorch DataLoader epoch, 4 workers, warm", "files/s", True),
         ("cold_read", "cold_read_rss_hwm_MiB", f"Daemon peak RSS (VmHWM), cold read {size}", "MiB", False),
@@ -195,6 +197,15 @@ def write(result: dict, md: Path, png: Path, json_path: Path | None = None) -> N
             for step, msg in e.items():
                 errs.append(f"- run {r['run'] + 1}, {name}, {step}: {msg.splitlines()[0][:300]}")
     notes = list(result.get("notes", []))
+    for name in (A, B):
+        for step, key, what in (("warm_read", "warm_read_fill_passes", "the warm read of the big file"),
+                                ("small_read_warm", "small_read_warm_fill_passes", "the warm small-file read")):
+            passes = values(result, name, step, key)
+            if any(passes):
+                notes.append(f"{name}: before {what}, {', '.join(f'{p:g}' for p in passes)} untimed extra "
+                             f"read pass(es) (per run) were needed until its disk cache held all the data "
+                             f"(it had not cached every block during the cold read; see the 'Disk cache "
+                             f"filled' rows)")
     for name, argv in result.get("mount_argv", {}).items():
         notes.append(f"{name} mounted with: `{argv}`")
     if notes or errs:

@@ -10,7 +10,9 @@ mount whose daemon died.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -105,13 +107,13 @@ def holds_dev_fuse(pid: int) -> bool:
 
 
 def dir_bytes(path: Path) -> int:
-    """Bytes allocated on disk under path (st_blocks, so sparse files count
-    for what they use)."""
+    """Bytes in the regular files under path (st_size: block files, their
+    checksums, index files)."""
     total = 0
     for root, _dirs, files in os.walk(path):
         for name in files:
             try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+                total += os.lstat(os.path.join(root, name)).st_size
             except OSError:
                 pass
     return total
@@ -167,7 +169,7 @@ class Target:
     def version(self) -> str:
         return "?"
 
-    def stats(self) -> str | None:
+    def stats(self) -> dict | str | None:
         """Daemon counters after a workload, if the target has them."""
         return None
 
@@ -291,6 +293,7 @@ class JuiceFS(Target):
         self.binary = binary
         self.extra_mount_args = extra_mount_args or []
         self.env = {}
+        self.metrics_port = 0
 
     def format(self) -> None:
         run([self.binary, "format", "--storage", "s3", "--bucket", self.s3.bucket_url(self.bucket),
@@ -305,7 +308,37 @@ class JuiceFS(Target):
         return [self.binary, "mount", self.meta_url, str(self.mountpoint),
                 "--cache-dir", str(self.cache_dir), "--cache-size", str(self.cache_mib),
                 "--backup-meta", "0", "--no-usage-report", "--no-syslog",
-                "--metrics", f"127.0.0.1:{free_port()}", *self.extra_mount_args]
+                "--metrics", f"127.0.0.1:{self.metrics_port}", *self.extra_mount_args]
+
+    def mount(self) -> None:
+        self.metrics_port = free_port()
+        super().mount()
+
+    def stats(self) -> dict | None:
+        """Block-cache and object-store counters from the Prometheus endpoint
+        of the running mount (they count since this mount started)."""
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line.startswith(("juicefs_blockcache_", "juicefs_object_request_data_bytes",
+                                    "juicefs_object_request_durations_histogram_seconds_count")):
+                continue
+            name, _, value = line.rpartition(" ")
+            base, _, labels = name.partition("{")
+            if base.endswith("_bucket"):
+                continue
+            method = re.search(r'method="(\w+)"', labels)
+            key = f"{base}[{method.group(1)}]" if method else base
+            try:
+                out[key] = out.get(key, 0.0) + float(value)
+            except ValueError:
+                pass
+        return out
 
     def umount_argv(self) -> list[str]:
         return [self.binary, "umount", str(self.mountpoint)]
@@ -343,9 +376,14 @@ class Jfscache(Target):
         cp = run([*self.command, "--version"], check=False, env=self.env)
         return cp.stdout.strip().splitlines()[-1] if cp.returncode == 0 and cp.stdout.strip() else "?"
 
-    def stats(self) -> str | None:
+    def stats(self) -> dict | str | None:
         try:
             cp = run([*self.command, "stats", str(self.mountpoint)], timeout=15, env=self.env, check=False)
         except (subprocess.TimeoutExpired, OSError):
             return None
-        return cp.stdout.strip() if cp.returncode == 0 else None
+        if cp.returncode != 0:
+            return None
+        try:
+            return json.loads(cp.stdout)
+        except ValueError:
+            return cp.stdout.strip()[-4000:]

@@ -225,7 +225,7 @@ class VFS:
             of.chunks.clear()
         of.mtime, of.length = a.mtime, a.length
         of.count += 1
-        if flags & os.O_TRUNC and a.length:  # libfuse asks for atomic_o_trunc
+        if flags & os.O_TRUNC and (a.length or ino in self.writers):  # libfuse asks for atomic_o_trunc
             await self.setattr(ino, size=0)
             unchanged = False
         return self._new_handle(ino, flags), unchanged
