@@ -30,8 +30,8 @@ class Config:
     small_files: int = 2_000      # 64 KiB files
     small_kib: int = 64
     readers: int = 4              # parallel readers of the small files
-    rand4k_ops: int = 20_000      # random reads: at most this many ...
-    rand128k_ops: int = 4_000
+    rand4k_ops: int = 50_000      # random reads: at most this many ...
+    rand128k_ops: int = 8_000
     rand_seconds: float = 20.0    # ... or this long
     dl_workers: int = 4
     dl_batch: int = 32
