@@ -199,6 +199,12 @@ class Meta:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
         return Attr.from_flat(ino, flat)
 
+    async def getattr_and_chunk(self, ino: int, indx: int) -> tuple[Attr, list[Slice]]:
+        flat, raw = await self.r.pipeline([("HGETALL", f"i{ino}"), ("LRANGE", f"c{ino}_{indx}", 0, -1)])
+        if not flat:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return Attr.from_flat(ino, flat), [Slice.unpack(b) for b in raw]
+
     async def lookup(self, parent: int, name: bytes) -> Attr:
         _check_name(name)
         res = await self.r.eval(lua.LOOKUP, [f"d{parent}"], [name])
@@ -262,12 +268,13 @@ class Meta:
         flat = await self._script(lua.TRUNCATE, [f"i{ino}"], [length, _now(), CHUNK_SIZE, self.capacity, ino])
         return Attr.from_flat(ino, flat)
 
-    async def readdir(self, ino: int, want_attrs: bool = True) -> list[tuple[bytes, int, str]]:
-        """All entries as (name, inode, type char), in a stable snapshot order."""
-        flat = await self.r.execute("HGETALL", f"d{ino}")
-        if not flat and not await self.r.execute("EXISTS", f"i{ino}"):
+    async def readdir(self, ino: int) -> tuple[int, list[tuple[bytes, int, str]]]:
+        """The directory's parent and all entries as (name, inode, type char)."""
+        parent, flat = await self.r.pipeline([("HGET", f"i{ino}", "parent"), ("HGETALL", f"d{ino}")])
+        if parent is None:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
-        return [(flat[i], int(flat[i + 1][1:]), flat[i + 1][:1].decode()) for i in range(0, len(flat), 2)]
+        return int(parent), [(flat[i], int(flat[i + 1][1:]), flat[i + 1][:1].decode())
+                             for i in range(0, len(flat), 2)]
 
     async def getattrs(self, inos: list[int]) -> list[Attr | None]:
         """Attributes of many inodes in one round trip (None for vanished ones)."""

@@ -26,6 +26,10 @@ log = logging.getLogger("jfscache.vfs")
 STATS_INODE = 0x7FFF_FFFF_0000_0001  # the virtual .stats file under the root
 STATS_NAME = b".stats"
 CAPABILITY = b"security.capability"
+# open() fetches fresh attributes (close-to-open consistency), unless they
+# were read this recently: a lookup right before the open, as the kernel
+# sends them, then costs one round trip instead of two.
+FRESH = 0.1
 
 
 @dataclass
@@ -73,7 +77,8 @@ class VFS:
         self.unlinked_open: set[int] = set()
         self._nursery: trio.Nursery | None = None
         self._delete_wakeup = trio.Event()
-        self._no_capability: dict[int, float] = {}  # inode -> until when it is known to have none
+        self._no_capability: dict[int, float] = {}
+        self._fresh: dict[int, tuple[float, int, int]] = {}  # inode -> (when, mtime, length)  # inode -> until when it is known to have none
 
     # ---- lifecycle --------------------------------------------------------
     async def start(self, nursery: trio.Nursery) -> None:
@@ -142,15 +147,22 @@ class VFS:
             a.ctime = max(a.ctime, fw.mtime)
         return a
 
+    def _saw(self, a: Attr) -> Attr:
+        """Remember when these attributes were read, for open() (see FRESH)."""
+        if len(self._fresh) > 100_000:
+            self._fresh.clear()
+        self._fresh[a.ino] = (time.monotonic(), a.mtime, a.length)
+        return a
+
     async def getattr(self, ino: int) -> Attr:
         if ino == STATS_INODE:
             return self._stats_attr()
-        return self._overlay(await self.meta.getattr(ino))
+        return self._overlay(self._saw(await self.meta.getattr(ino)))
 
     async def lookup(self, parent: int, name: bytes) -> Attr:
         if parent == ROOT_INODE and name == STATS_NAME:
             return self._stats_attr()
-        return self._overlay(await self.meta.lookup(parent, name))
+        return self._overlay(self._saw(await self.meta.lookup(parent, name)))
 
     def _stats_attr(self) -> Attr:
         now = time.time_ns()
@@ -160,6 +172,7 @@ class VFS:
         # Buffered writes commit with mtime = now: flush them first so that
         # they cannot override explicit times, or land after a truncate.
         await self._flush_ino(ino)
+        self._fresh.pop(ino, None)
         a = None
         if size is not None:
             a = await self.meta.truncate(ino, size)
@@ -218,14 +231,24 @@ class VFS:
             fh = self._new_handle(ino, flags)
             self.handles[fh].stats = STATS.json()
             return fh, False
-        a = await self.meta.getattr(ino)
+        seen = self._fresh.get(ino)
+        slices = None
+        if seen is not None and time.monotonic() - seen[0] < FRESH:
+            _, mtime, length = seen
+        else:
+            # Fresh attributes, and the first chunk's slices in the same round
+            # trip: most files read after open() are small.
+            a, slices = await self.meta.getattr_and_chunk(ino, 0)
+            mtime, length = self._saw(a).mtime, a.length
         of = self.files.setdefault(ino, _OpenFile())
-        unchanged = of.mtime == a.mtime and of.length == a.length and ino not in self.writers
+        unchanged = of.mtime == mtime and of.length == length and ino not in self.writers
         if not unchanged:
             of.chunks.clear()
-        of.mtime, of.length = a.mtime, a.length
+        if slices is not None and 0 not in of.chunks:
+            of.chunks[0] = resolve(slices)
+        of.mtime, of.length = mtime, length
         of.count += 1
-        if flags & os.O_TRUNC and (a.length or ino in self.writers):  # libfuse asks for atomic_o_trunc
+        if flags & os.O_TRUNC and (length or ino in self.writers):  # libfuse asks for atomic_o_trunc
             await self.setattr(ino, size=0)
             unchanged = False
         return self._new_handle(ino, flags), unchanged
@@ -254,6 +277,7 @@ class VFS:
         return fw
 
     def _committed(self, ino: int, indx: int, length: int) -> None:
+        self._fresh.pop(ino, None)
         of = self.files.get(ino)
         if of is not None:
             of.chunks.pop(indx, None)
@@ -263,6 +287,7 @@ class VFS:
         h = self.handles[fh]
         if h.ino == STATS_INODE:
             raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        self._fresh.pop(h.ino, None)
         await self._writer(h.ino).write(off, data)
         STATS.add("fuse_writes")
         STATS.add("fuse_write_bytes", len(data))
@@ -405,15 +430,14 @@ class VFS:
         at offset 0, so offsets stay valid while the directory changes."""
         h = self.handles[fh]
         if h.entries is None or start == 0:
-            ents = await self.meta.readdir(h.ino)
-            a = await self.meta.getattr(h.ino)
-            h.entries = [(b".", h.ino, "d"), (b"..", a.parent or ROOT_INODE, "d")] + ents
+            parent, ents = await self.meta.readdir(h.ino)
+            h.entries = [(b".", h.ino, "d"), (b"..", parent or ROOT_INODE, "d")] + ents
         batch = h.entries[start:start + count]
         attrs = await self.meta.getattrs([ino for _, ino, _ in batch])
         out = []
         for i, ((name, _, _), a) in enumerate(zip(batch, attrs)):
             if a is not None:  # removed since the snapshot
-                out.append((name, self._overlay(a), start + i + 1))
+                out.append((name, self._overlay(self._saw(a)), start + i + 1))
         return out
 
     async def releasedir(self, fh: int) -> None:
