@@ -252,6 +252,9 @@ def _daemonize(log_file: str, mountpoint: str) -> None:
         if proc.poll() is not None:
             with open(log_file, "rb") as f:
                 tail = f.read()[-4000:].decode(errors="replace").strip().splitlines()
+            errors = [line for line in tail if line.startswith("jfscache: error: ")]
+            if errors:
+                raise Failure(errors[-1][len("jfscache: error: "):])
             raise Failure(tail[-1] if tail else f"the mount process exited with status {proc.returncode}")
         time.sleep(0.05)
     raise Failure(f"{mountpoint} was not mounted after 60 s; see {log_file}")
