@@ -79,10 +79,12 @@ def _watchdog(request):
     mounts fail with ENOTCONN, so the test fails instead of hanging CI."""
     timeout = float(os.environ.get("JFSCACHE_TEST_TIMEOUT", "300"))
     done = threading.Event()
+    fired = threading.Event()
 
     def fire():
         if done.wait(timeout):
             return
+        fired.set()
         print(f"\n*** watchdog: {request.node.nodeid} still running after {timeout:.0f}s",
               file=sys.__stderr__)
         faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
@@ -92,6 +94,9 @@ def _watchdog(request):
     t.start()
     yield
     done.set()
+    if fired.is_set():
+        pytest.fail(f"watchdog: the test ran longer than {timeout:.0f}s "
+                    f"(JFSCACHE_TEST_TIMEOUT); its daemons were killed", pytrace=False)
 
 
 # --------------------------------------------------------------------------

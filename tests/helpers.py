@@ -68,7 +68,8 @@ def session_base() -> Path:
     with _BASE_LOCK:
         if _BASE is None:
             root = os.environ.get("JFSCACHE_TEST_TMP") or tempfile.gettempdir()
-            _BASE = Path(tempfile.mkdtemp(prefix="jfscache-tests-", dir=root))
+            # canonical once, so later checks need no realpath()
+            _BASE = Path(os.path.realpath(tempfile.mkdtemp(prefix="jfscache-tests-", dir=root)))
             os.chmod(_BASE, 0o755)
         return _BASE
 
@@ -115,12 +116,13 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def free_port(offsets: Iterable[int] = (0,), lo: int = 20000, hi: int = 40000) -> int:
+def free_port(offsets: Iterable[int] = (0,), lo: int = 12000, hi: int = 22000) -> int:
     """A port P such that P+o is free on 127.0.0.1 for every o in offsets
     (SeaweedFS listens on port+10000 for gRPC, and names a unix socket
     /tmp/seaweedfs-*-grpc-<port+10000>.sock). Ports are never handed out
     twice in one session. Nothing listens on it afterwards, so it also
-    serves as a "closed port"."""
+    serves as a "closed port". The range keeps P+10000 below Linux's
+    ephemeral ports (32768+), so outgoing connections cannot grab them."""
     offsets = tuple(offsets)
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
     with _port_lock:
@@ -151,6 +153,20 @@ def log_tail(path: Path | str, lines: int = 40) -> str:
     except OSError as e:
         return f"(no log: {e})"
     return "\n".join(data.splitlines()[-lines:])
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A preexec_fn: the child gets `sig` when the test process dies (a
+    killed pytest leaves no servers or daemons behind). The kernel sends it
+    when the *thread* that forked exits, so only from the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec():
+        libc.prctl(1, int(sig), 0, 0, 0)   # PR_SET_PDEATHSIG
+    return preexec
 
 
 def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 5.0) -> int:
@@ -247,19 +263,22 @@ def mountinfo() -> list[tuple[str, str, str]]:
     return out
 
 
+# Only os.path.abspath here: realpath() would lstat the mount point, which
+# blocks forever on a hung (e.g. SIGSTOPped) daemon.
+
 def is_mounted(path: str | Path) -> bool:
-    path = os.path.realpath(path)
+    path = os.path.abspath(path)
     return any(mp == path for mp, _, _ in mountinfo())
 
 
 def mounts_under(base: str | Path) -> list[str]:
-    base = os.path.realpath(base)
+    base = os.path.abspath(base)
     return [mp for mp, _, _ in mountinfo() if mp == base or mp.startswith(base + "/")]
 
 
 def abort_fuse(path: str | Path) -> None:
     """Abort the FUSE connection of a mount (unblocks anything stuck in it)."""
-    path = os.path.realpath(path)
+    path = os.path.abspath(path)
     for mp, dev, fstype in mountinfo():
         if mp == path and fstype.startswith("fuse"):
             minor = dev.split(":")[1]
@@ -362,7 +381,8 @@ class RedisServer:
                    "--logfile", str(self.log_path), "--unixsocket", ""]
             self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=die_with_parent())
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
@@ -474,7 +494,8 @@ class SeaweedS3:
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdin=subprocess.DEVNULL,
                                              stdout=log, stderr=subprocess.STDOUT,
-                                             start_new_session=True)
+                                             start_new_session=True,
+                                             preexec_fn=die_with_parent())
             err = self._wait_ready(t0 + timeout)
             if err is None:
                 self.start_seconds = time.monotonic() - t0
@@ -666,7 +687,8 @@ class Mount:
             log.flush()
             self.proc = subprocess.Popen([*JFSCACHE, *self.args], env=self.env,
                                          stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT,
+                                         preexec_fn=die_with_parent(signal.SIGTERM))
         deadline = time.monotonic() + timeout
         while True:
             rc = self.proc.poll()
@@ -853,6 +875,8 @@ def kill_all_mounts(reason: str) -> None:
     abort their FUSE connections, so a test blocked in a syscall on a hung
     mount gets ENOTCONN and fails instead of hanging the suite."""
     for m in list(_ALL_MOUNTS):
+        if not m.alive and not is_mounted(m.path):
+            continue
         print(f"{reason}: killing {m!r}", file=sys.__stderr__)
         with contextlib.suppress(Exception):
             abort_fuse(m.path)

@@ -49,9 +49,14 @@ def read_hash(path, check=None) -> str:
 
 
 def cache_bytes(cache_dir) -> int:
+    """Bytes of block files (and in-flight temporary files) in a cache dir."""
     total = 0
     for root, _, files in os.walk(Path(cache_dir) / "blocks"):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except FileNotFoundError:  # renamed or evicted while we looked
+                pass
     return total
 
 
