@@ -99,7 +99,9 @@ def test_corrupt_cache_block_is_refetched(make_volume, mount_volume):
     m.start()
     assert read_hash(m.path / "f") == digest
     s = stats(m.path)
-    assert s.get("disk_corrupt", 0) == 3
+    # Concurrent reads of one corrupt block may each notice it; each block is
+    # fetched again exactly once.
+    assert s.get("disk_corrupt", 0) >= 3
     assert s.get("store_gets", 0) == 3
     assert "corrupt" in m.log_tail(50)
 
@@ -112,7 +114,7 @@ def test_restart_rereads_without_store_gets(make_volume, mount_volume):
     assert read_hash(m.path / "f") == digest
     s = stats(m.path)
     assert s.get("store_gets", 0) == 0, s
-    assert s.get("disk_hits", 0) == 5
+    assert s.get("disk_hit_bytes", 0) == 20 * MiB
 
 
 def test_written_file_reads_back_without_store(make_volume, mount_volume):

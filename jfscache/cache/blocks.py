@@ -48,13 +48,6 @@ class BlockCache:
         STATS.observe_get(len(data), time.perf_counter() - t)
         return data
 
-    def cached(self, key: str) -> bytes | None:
-        """The block if the memory tier has it (no I/O)."""
-        data = self.mem.get(key)
-        if data is not None:
-            STATS.hit("mem", len(data))
-        return data
-
     async def get(self, key: str) -> bytes:
         data = self.mem.get(key)
         if data is not None:
@@ -74,6 +67,22 @@ class BlockCache:
         finally:
             del self._inflight[key]
             flight.done.set()
+
+    async def read(self, key: str, off: int, length: int, size: int):
+        """Bytes [off, off+length) of a block of `size` bytes. A part of a block
+        that only the disk tier has is read (and verified) alone, without
+        loading the block: random reads stay cheap and leave memory alone."""
+        data = self.mem.get(key)
+        if data is None and length < size and self.disk is not None and key not in self._inflight:
+            part = await self.disk.get(key, off, length)
+            if part is not None:
+                STATS.hit("disk", len(part))
+                return part
+        if data is None:
+            data = await self.get(key)
+        else:
+            STATS.hit("mem", length)
+        return memoryview(data)[off:off + length]
 
     async def _load(self, key: str) -> bytes:
         if self.disk is not None:

@@ -4,9 +4,10 @@
 - The index maps key → (size, xxhash64, last access). It is loaded at start
   and checked against the files: entries without a file (or of the wrong
   size) are dropped, files without an entry are removed.
-- Every read is verified against the stored xxhash64; a corrupt block is
-  dropped and reported as a miss, so the caller refetches it. Bad bytes are
-  never returned.
+- Every read is verified against the stored xxhash64 of each 64 KiB piece it
+  touches (so a 4 KiB random read costs a 64 KiB read, not a 4 MiB one); a
+  corrupt block is dropped and reported as a miss, so the caller refetches
+  it. Bad bytes are never returned.
 - Eviction is least recently used, keeping each directory under its share of
   --cache-size and its filesystem above --free-space-ratio free.
 - Writes are write-behind through a bounded queue: the cache is best effort,
@@ -30,7 +31,11 @@ from .stats import STATS
 
 log = logging.getLogger("jfscache.cache.disk")
 
-_ENTRY = struct.Struct(">QQd")  # size, xxh64, last access (unix seconds)
+# Index value: size, last access (unix seconds), then one xxh64 per PIECE of
+# the block, so that a small read verifies (and reads) only the pieces it
+# touches instead of the whole 4 MiB block.
+_HEAD = struct.Struct(">Qd")
+PIECE = 64 << 10
 _QUEUE_LIMIT = 256 << 20  # bytes waiting to be written before adds are dropped
 _ACCESS_FLUSH = 10.0
 # Smaller blocks are read on the event loop: a thread hand-off costs more
@@ -44,7 +49,7 @@ class _Dir:
         self.blocks = os.path.join(path, "blocks")
         self.capacity = capacity
         self.used = 0
-        self.entries: OrderedDict[str, tuple[int, int]] = OrderedDict()  # LRU order: key -> (size, hash)
+        self.entries: OrderedDict[str, int] = OrderedDict()  # LRU order: key -> size
         self.env: lmdb.Environment | None = None
         self.touched: dict[str, float] = {}
         self.broken_until = 0.0  # writes paused until then after an I/O failure
@@ -82,8 +87,8 @@ class DiskCache:
         rows = []
         with d.env.begin() as txn:
             for k, v in txn.cursor():
-                size, h, atime = _ENTRY.unpack(v)
-                rows.append((atime, k.decode(), size, h))
+                size, atime = _HEAD.unpack_from(v)
+                rows.append((atime, k.decode(), size))
         on_disk = {}
         for root, _, files in os.walk(d.blocks):
             for name in files:
@@ -93,9 +98,9 @@ class DiskCache:
                     continue
                 on_disk[os.path.relpath(p, d.blocks)] = os.stat(p).st_size
         stale = []
-        for atime, key, size, h in sorted(rows):
+        for atime, key, size in sorted(rows):
             if on_disk.pop(key, None) == size:
-                d.entries[key] = (size, h)
+                d.entries[key] = size
                 d.used += size
             else:
                 stale.append(key)
@@ -141,21 +146,27 @@ class DiskCache:
     def used(self) -> int:
         return sum(d.used for d in self.dirs)
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: str, off: int = 0, length: int = -1) -> bytes | None:
+        """The block's bytes [off, off+length) (all of it by default), verified;
+        None if it is not cached or fails verification (then it is dropped)."""
         d = self._dir(key)
         if d is None:
             return None
-        ent = d.entries.get(key)
-        if ent is None:
+        size = d.entries.get(key)
+        if size is None:
             return None
         d.entries.move_to_end(key)
         d.touched[key] = time.time()
-        size, h = ent
+        with d.env.begin() as txn:
+            raw = txn.get(key.encode())
+        end = size if length < 0 else min(size, off + length)
         try:
-            if size <= _INLINE_READ:
-                data = _read_verified(d.file(key), size, h)
+            if raw is None:
+                data = None
+            elif end - off <= _INLINE_READ:
+                data = _read_verified(d.file(key), size, raw, off, end)
             else:
-                data = await trio.to_thread.run_sync(_read_verified, d.file(key), size, h)
+                data = await trio.to_thread.run_sync(_read_verified, d.file(key), size, raw, off, end)
         except OSError as e:
             log.warning("reading cached block %s failed: %s; fetching it again", key, e)
             data = None
@@ -190,14 +201,14 @@ class DiskCache:
                     continue
                 try:
                     self._make_room(d, len(data))
-                    h = await trio.to_thread.run_sync(_write_file, d.file(key), data)
+                    hashes = await trio.to_thread.run_sync(_write_file, d.file(key), data)
                 except OSError as e:
                     self._write_failed(d, e)
                 else:
                     # Index updates stay on the trio thread: no locking needed.
                     with d.env.begin(write=True) as txn:
-                        txn.put(key.encode(), _ENTRY.pack(len(data), h, time.time()))
-                    d.entries[key] = (len(data), h)
+                        txn.put(key.encode(), _HEAD.pack(len(data), time.time()) + hashes)
+                    d.entries[key] = len(data)
                     d.used += len(data)
                     STATS.add("disk_writes")
                     STATS.add("disk_write_bytes", len(data))
@@ -229,7 +240,7 @@ class DiskCache:
             return (st.f_bavail * st.f_frsize - need) < self.free_ratio * st.f_blocks * st.f_frsize
         victims = []
         while d.entries and over():
-            key, (size, _) = d.entries.popitem(last=False)
+            key, size = d.entries.popitem(last=False)
             d.used -= size
             victims.append(key)
             try:
@@ -246,10 +257,10 @@ class DiskCache:
         d = self._dir(key)
         if d is None:
             return
-        ent = d.entries.pop(key, None)
-        if ent is None:
+        size = d.entries.pop(key, None)
+        if size is None:
             return
-        d.used -= ent[0]
+        d.used -= size
         d.touched.pop(key, None)
         try:
             os.unlink(d.file(key))
@@ -271,14 +282,19 @@ class DiskCache:
         touched, d.touched = d.touched, {}
         with d.env.begin(write=True) as txn:
             for key, t in touched.items():
-                ent = d.entries.get(key)
-                if ent is not None:
-                    txn.put(key.encode(), _ENTRY.pack(ent[0], ent[1], t))
+                raw = txn.get(key.encode()) if key in d.entries else None
+                if raw is not None:
+                    txn.put(key.encode(), _HEAD.pack(_HEAD.unpack_from(raw)[0], t) + raw[_HEAD.size:])
 
 
-def _write_file(path: str, data: bytes) -> int:
-    """Write a block atomically; returns its xxhash64."""
-    h = xxhash.xxh64_intdigest(data)
+def _piece_hashes(data) -> bytes:
+    mv = memoryview(data)
+    return b"".join(xxhash.xxh64_digest(mv[i:i + PIECE]) for i in range(0, len(mv), PIECE))
+
+
+def _write_file(path: str, data) -> bytes:
+    """Write a block atomically; returns its packed piece hashes."""
+    hashes = _piece_hashes(data)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -292,16 +308,25 @@ def _write_file(path: str, data: bytes) -> int:
         except OSError:
             pass
         raise
-    return h
+    return hashes
 
 
-def _read_verified(path: str, size: int, h: int) -> bytes | None:
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) != size or xxhash.xxh64_intdigest(data) != h:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+def _read_verified(path: str, size: int, index_value: bytes, off: int, end: int) -> bytes | None:
+    """Bytes [off, end) of a cached block, reading and checking only the pieces
+    they lie in; None if the file or any of those pieces is not as indexed."""
+    hashes = memoryview(index_value)[_HEAD.size:]
+    if len(hashes) != 8 * ((size + PIECE - 1) // PIECE):
         return None
-    return data
+    first, last = off // PIECE, max(off, end - 1) // PIECE
+    start = first * PIECE
+    with open(path, "rb", buffering=0) as f:
+        if os.fstat(f.fileno()).st_size != size:
+            return None
+        data = os.pread(f.fileno(), min(size, (last + 1) * PIECE) - start, start)
+    mv = memoryview(data)
+    for i in range(first, last + 1):
+        if xxhash.xxh64_digest(mv[(i - first) * PIECE:(i - first + 1) * PIECE]) != hashes[8 * i:8 * i + 8]:
+            return None
+    if off == start and end - start == len(data):
+        return data
+    return data[off - start:end - start]

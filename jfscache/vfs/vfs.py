@@ -384,9 +384,8 @@ class VFS:
                 while pos < stop:
                     bi, bo = divmod(so, bs)
                     take = min(stop - pos, bs - bo)
-                    key = block_key(self.volume, g.sid, bi, min(bs, g.ssize - bi * bs))
-                    data = self.cache.cached(key) or await self.cache.get(key)
-                    out.append(memoryview(data)[bo:bo + take])
+                    size = min(bs, g.ssize - bi * bs)
+                    out.append(await self.cache.read(block_key(self.volume, g.sid, bi, size), bo, take, size))
                     pos += take
                     so += take
             pos = stop
