@@ -100,9 +100,10 @@ class BlockCache:
 
     def prefetch(self, key: str) -> None:
         """Fetch a block in the background unless it is cached or on its way."""
+        # Blocks on disk are prefetched too: whole-block reads on worker
+        # threads, ahead of the reader, beat the kernel's one or two
+        # outstanding 1 MiB requests served one at a time.
         if key in self.mem or key in self._inflight or self._nursery is None:
-            return
-        if self.disk is not None and self.disk.has(key):
             return
         self._nursery.start_soon(self._prefetch, key)
 
