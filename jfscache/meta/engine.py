@@ -70,13 +70,10 @@ class Attr:
         return TYPES[self.type] | self.mode
 
     @classmethod
-    def from_flat(cls, ino: int, flat: list) -> "Attr":
-        d = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
-        return cls(
-            ino, d[b"type"].decode(), int(d[b"mode"]), int(d[b"uid"]), int(d[b"gid"]), int(d[b"rdev"]),
-            int(d[b"nlink"]), int(d[b"length"]), int(d[b"atime"]), int(d[b"mtime"]), int(d[b"ctime"]),
-            int(d.get(b"parent", 0)),
-        )
+    def from_fields(cls, ino: int, v: list) -> "Attr":
+        """From an HMGET of lua.ATTR_FIELDS."""
+        return cls(ino, v[0].decode(), int(v[1]), int(v[2]), int(v[3]), int(v[4]), int(v[5]), int(v[6]),
+                   int(v[7]), int(v[8]), int(v[9]), int(v[10] or 0))
 
 
 def _oserror(e: RedisError) -> OSError:
@@ -194,23 +191,23 @@ class Meta:
 
     # ---- tree -------------------------------------------------------------
     async def getattr(self, ino: int) -> Attr:
-        flat = await self.r.execute("HGETALL", f"i{ino}")
-        if not flat:
+        v = await self.r.execute("HMGET", f"i{ino}", *lua.ATTR_FIELDS)
+        if v[0] is None:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
-        return Attr.from_flat(ino, flat)
+        return Attr.from_fields(ino, v)
 
     async def getattr_and_chunk(self, ino: int, indx: int) -> tuple[Attr, list[Slice]]:
-        flat, raw = await self.r.pipeline([("HGETALL", f"i{ino}"), ("LRANGE", f"c{ino}_{indx}", 0, -1)])
-        if not flat:
+        v, raw = await self.r.pipeline([("HMGET", f"i{ino}", *lua.ATTR_FIELDS), ("LRANGE", f"c{ino}_{indx}", 0, -1)])
+        if v[0] is None:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
-        return Attr.from_flat(ino, flat), [Slice.unpack(b) for b in raw]
+        return Attr.from_fields(ino, v), [Slice.unpack(b) for b in raw]
 
     async def lookup(self, parent: int, name: bytes) -> Attr:
         _check_name(name)
         res = await self.r.eval(lua.LOOKUP, [f"d{parent}"], [name])
-        if res is None or not res[1]:
+        if res is None or res[1][0] is None:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
-        return Attr.from_flat(int(res[0][1:]), res[1])
+        return Attr.from_fields(int(res[0][1:]), res[1])
 
     async def mknod(self, parent: int, name: bytes, typ: str, mode: int, uid: int, gid: int,
                     rdev: int = 0, target: bytes = b"") -> Attr:
@@ -254,7 +251,7 @@ class Meta:
     async def link(self, ino: int, parent: int, name: bytes) -> Attr:
         _check_name(name)
         flat = await self._script(lua.LINK, [f"i{ino}", f"i{parent}", f"d{parent}"], [name, _now(), ino])
-        return Attr.from_flat(ino, flat)
+        return Attr.from_fields(ino, flat)
 
     async def setattr(self, ino: int, **fields) -> Attr:
         """Set mode/uid/gid/atime/mtime (ns); ctime becomes now."""
@@ -262,11 +259,11 @@ class Meta:
         for k, v in fields.items():
             args += [k, v]
         flat = await self._script(lua.SETATTR, [f"i{ino}"], args)
-        return Attr.from_flat(ino, flat)
+        return Attr.from_fields(ino, flat)
 
     async def truncate(self, ino: int, length: int) -> Attr:
         flat = await self._script(lua.TRUNCATE, [f"i{ino}"], [length, _now(), CHUNK_SIZE, self.capacity, ino])
-        return Attr.from_flat(ino, flat)
+        return Attr.from_fields(ino, flat)
 
     async def readdir(self, ino: int) -> tuple[int, list[tuple[bytes, int, str]]]:
         """The directory's parent and all entries as (name, inode, type char)."""
@@ -278,8 +275,8 @@ class Meta:
 
     async def getattrs(self, inos: list[int]) -> list[Attr | None]:
         """Attributes of many inodes in one round trip (None for vanished ones)."""
-        replies = await self.r.pipeline([("HGETALL", f"i{i}") for i in inos])
-        return [Attr.from_flat(i, f) if f else None for i, f in zip(inos, replies)]
+        replies = await self.r.pipeline([("HMGET", f"i{i}", *lua.ATTR_FIELDS) for i in inos])
+        return [Attr.from_fields(i, v) if v[0] is not None else None for i, v in zip(inos, replies)]
 
     # ---- data -------------------------------------------------------------
     async def read_chunk(self, ino: int, indx: int) -> list[Slice]:

@@ -23,6 +23,10 @@ Key space (one Redis database per volume):
 """
 from .redisio import Script
 
+# Attribute fields in the fixed order in which scripts and the engine read them.
+ATTR_FIELDS = ("type", "mode", "uid", "gid", "rdev", "nlink", "length", "atime", "mtime", "ctime", "parent")
+_HMGET = "redis.call('HMGET', %s, " + ", ".join(f"'{f}'" for f in ATTR_FIELDS) + ")"
+
 # Shared Lua helpers, prepended to scripts that need them.
 _COMMON = r"""
 local function fail(e) return redis.error_reply(e) end
@@ -43,7 +47,7 @@ end
 LOOKUP = Script(r"""
 local e = redis.call('HGET', KEYS[1], ARGV[1])
 if not e then return nil end
-return {e, redis.call('HGETALL', 'i' .. string.sub(e, 2))}
+return {e, """ + _HMGET % "'i' .. string.sub(e, 2)" + """}
 """)
 
 # KEYS: i<parent> d<parent> i<ino>
@@ -245,14 +249,14 @@ redis.call('HSET', KEYS[3], ARGV[1], a[1] .. ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'nlink', 1)
 redis.call('HSET', KEYS[1], 'ctime', ARGV[2])
 touch_dir(KEYS[2], ARGV[2])
-return redis.call('HGETALL', KEYS[1])
+return """ + _HMGET % "KEYS[1]" + """
 """)
 
 # KEYS: i<ino>   ARGV: now field value [field value ...]
 SETATTR = Script(r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('ENOENT') end
 redis.call('HSET', KEYS[1], 'ctime', ARGV[1], unpack(ARGV, 2))
-return redis.call('HGETALL', KEYS[1])
+return """ + _HMGET % "KEYS[1]" + """
 """)
 
 # KEYS: i<ino>   ARGV: new_length now chunk_size capacity(0 = none) ino
@@ -293,7 +297,7 @@ if new < old then
 end
 redis.call('INCRBY', 'usedSpace', delta)
 redis.call('HSET', KEYS[1], 'length', new, 'mtime', ARGV[2], 'ctime', ARGV[2])
-return redis.call('HGETALL', KEYS[1])
+return """ + _HMGET % "KEYS[1]" + """
 """)
 
 # Commit one written slice. Its blocks are already in the object store.

@@ -37,6 +37,7 @@ class Handle:
     ino: int
     flags: int
     entries: list | None = None  # directory snapshot
+    attrs: dict | None = None  # snapshot index -> Attr (None: vanished)
     next_off: int = -1  # where a sequential reader would read next
     seq: int = 0  # consecutive sequential reads, drives readahead depth
     stats: bytes | None = None
@@ -424,19 +425,27 @@ class VFS:
     async def opendir(self, ino: int) -> int:
         return self._new_handle(ino, 0)
 
-    async def readdir(self, fh: int, start: int, count: int = 256) -> list[tuple[bytes, Attr, int]]:
+    async def readdir(self, fh: int, start: int, count: int = 512) -> list[tuple[bytes, Attr, int]]:
         """Entries from offset `start` of a snapshot taken when reading starts
-        at offset 0, so offsets stay valid while the directory changes."""
+        at offset 0, so offsets stay valid while the directory changes.
+        Attributes are fetched `count` at a time and kept with the snapshot:
+        the kernel asks for a page of entries (a few dozen) per request."""
         h = self.handles[fh]
         if h.entries is None or start == 0:
             parent, ents = await self.meta.readdir(h.ino)
             h.entries = [(b".", h.ino, "d"), (b"..", parent or ROOT_INODE, "d")] + ents
-        batch = h.entries[start:start + count]
-        attrs = await self.meta.getattrs([ino for _, ino, _ in batch])
+            h.attrs = {}
         out = []
-        for i, ((name, _, _), a) in enumerate(zip(batch, attrs)):
-            if a is not None:  # removed since the snapshot
-                out.append((name, self._overlay(self._saw(a)), start + i + 1))
+        i, n = start, len(h.entries)
+        while i < n and len(out) < count:
+            if i not in h.attrs:
+                inos = [ino for _, ino, _ in h.entries[i:i + count]]
+                for j, a in enumerate(await self.meta.getattrs(inos), i):
+                    h.attrs[j] = a if a is None else self._saw(a)
+            a = h.attrs[i]
+            if a is not None:  # else removed since the snapshot
+                out.append((h.entries[i][0], self._overlay(a), i + 1))
+            i += 1
         return out
 
     async def releasedir(self, fh: int) -> None:
