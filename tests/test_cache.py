@@ -187,3 +187,30 @@ def test_other_node_reads_rewritten_file(make_volume, mount_volume):
     while read_hash(b.path / "f") != new:
         assert time.monotonic() < deadline, "b never saw a's rewrite"
         time.sleep(0.2)
+
+
+def _rss_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"{field} missing for pid {pid}")
+
+
+def test_write_buffer_is_bounded(make_volume, mount_volume):
+    """A fast writer is slowed down, not buffered without bound: the daemon's
+    peak memory stays near its limits while 512 MiB stream through it."""
+    vol = make_volume("s3")
+    m = mount_volume(vol, None, "--buffer-size", "16", "--mem-cache-size", "16", "--max-uploads", "4")
+    with open(m.path / "warmup", "wb") as f:  # load the code paths first
+        f.write(os.urandom(MiB))
+    base = _rss_kib(m.pid, "VmRSS")
+    chunk = os.urandom(MiB)
+    with open(m.path / "big", "wb") as f:
+        for _ in range(512):
+            f.write(chunk)
+        os.fsync(f.fileno())
+    grown = (_rss_kib(m.pid, "VmHWM") - base) // 1024
+    # 16 MiB buffer + 16 MiB memory tier + 64 MiB disk-cache queue + slack
+    assert grown < 160, f"daemon grew by {grown} MiB while writing"
+    assert os.path.getsize(m.path / "big") == 512 * MiB

@@ -36,7 +36,7 @@ log = logging.getLogger("jfscache.cache.disk")
 # touches instead of the whole 4 MiB block.
 _HEAD = struct.Struct(">Qd")
 PIECE = 64 << 10
-_QUEUE_LIMIT = 256 << 20  # bytes waiting to be written before adds are dropped
+_QUEUE_LIMIT = 64 << 20  # bytes waiting to be written before adds are dropped (they count in RSS)
 _ACCESS_FLUSH = 10.0
 # Smaller blocks are read on the event loop: a thread hand-off costs more
 # than reading them from the page cache or NVMe.
