@@ -36,6 +36,7 @@ class BlockCache:
         # replaces this with "ask the owner, fall back to the store".
         self.remote: Callable[[str], Awaitable[bytes]] = self._from_storage
         self._inflight: dict[str, _Flight] = {}
+        self._queued: set[str] = set()  # prefetches waiting for the limiter
         self._prefetch_limit = trio.CapacityLimiter(max_prefetch)
         self._nursery: trio.Nursery | None = None
 
@@ -103,17 +104,20 @@ class BlockCache:
         # Blocks on disk are prefetched too: whole-block reads on worker
         # threads, ahead of the reader, beat the kernel's one or two
         # outstanding 1 MiB requests served one at a time.
-        if key in self.mem or key in self._inflight or self._nursery is None:
+        if key in self.mem or key in self._inflight or key in self._queued or self._nursery is None:
             return
+        self._queued.add(key)
         self._nursery.start_soon(self._prefetch, key)
 
     async def _prefetch(self, key: str) -> None:
-        async with self._prefetch_limit:
-            try:
+        try:
+            async with self._prefetch_limit:
                 await self.get(key)
                 STATS.prefetched()
-            except Exception as e:  # a failed prefetch is only a lost hint; the read retries
-                log.debug("prefetch of %s failed: %s", key, e)
+        except Exception as e:  # a failed prefetch is only a lost hint; the read retries
+            log.debug("prefetch of %s failed: %s", key, e)
+        finally:
+            self._queued.discard(key)
 
     async def put(self, key: str, data: bytes) -> None:
         """Store a new block, then keep it cached so that it reads back without the store."""

@@ -27,6 +27,7 @@ import lmdb
 import trio
 import xxhash
 
+from ..fsutil import write_atomic
 from .stats import STATS
 
 log = logging.getLogger("jfscache.cache.disk")
@@ -293,21 +294,11 @@ def _piece_hashes(data) -> bytes:
 
 
 def _write_file(path: str, data) -> bytes:
-    """Write a block atomically; returns its packed piece hashes."""
+    """Write a block atomically; returns its packed piece hashes. No fsync: a
+    block torn by a power cut fails verification when read, and is refetched."""
     hashes = _piece_hashes(data)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, f"{path}.{os.getpid()}.tmp", data, fsync=False)
     return hashes
 
 

@@ -6,6 +6,7 @@ act on (the CLI prints it without a traceback).
 """
 from __future__ import annotations
 
+import secrets
 from typing import AsyncIterator
 
 
@@ -71,7 +72,14 @@ class ObjectStorage:
 
     async def check(self) -> None:
         """Put, get and delete a small object; raise a StorageError if any fails."""
-        raise NotImplementedError
+        key = "jfscache-check-" + secrets.token_hex(8)
+        data = b"jfscache storage check " + key.encode()
+        await self.put(key, data)
+        try:
+            if await self.get(key) != data:
+                raise StorageError(f"{self.url} returned different data than was written")
+        finally:
+            await self.delete(key)
 
     async def close(self) -> None:
         pass

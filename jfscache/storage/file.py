@@ -10,6 +10,7 @@ from typing import AsyncIterator
 
 import trio
 
+from ..fsutil import write_atomic
 from .base import NoSuchBucket, NotFound, ObjectStorage, StorageError, check_key, check_range
 
 # Temporary files live next to their final name (so os.replace is atomic) and
@@ -53,34 +54,18 @@ class FileStorage(ObjectStorage):
     def _put_sync(self, path: str, key: str, data) -> None:
         parent = os.path.dirname(path)
         tmp = os.path.join(parent, "." + os.path.basename(path) + _TMP_MARK + secrets.token_hex(4))
+        # fsync: the block is committed to metadata right after put returns;
+        # without it a crash could leave an empty file behind the rename,
+        # i.e. a file pointing to lost data.
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            write_atomic(path, tmp, data, fsync=True)
         except FileNotFoundError:
             # Creating the parent directories of the store itself would hide
             # a wrong path (or an unformatted volume): S3 fails the same way.
             if not os.path.isdir(self.root):
                 raise NoSuchBucket(f"directory {self.root} does not exist (run format first?)")
             os.makedirs(parent, mode=0o700, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            try:
-                view = memoryview(data).cast("B")
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                # The block is committed to metadata right after put returns;
-                # without fsync a crash could leave an empty file behind the
-                # rename, i.e. a file pointing to lost data.
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+            write_atomic(path, tmp, data, fsync=True)
 
     async def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
         path = self._path(key)
@@ -189,13 +174,3 @@ class FileStorage(ObjectStorage):
         except OSError as e:
             raise self._oserror(e, "listing")
 
-    async def check(self) -> None:
-        key = "jfscache-check-" + secrets.token_hex(8)
-        data = b"jfscache storage check " + key.encode()
-        await self.put(key, data)
-        try:
-            got = await self.get(key)
-            if got != data:
-                raise StorageError(f"{self.url} returned different data than was written")
-        finally:
-            await self.delete(key)

@@ -11,7 +11,6 @@ import asyncio
 import os
 import random
 import re
-import secrets
 import time
 from typing import AsyncIterator
 from urllib.parse import quote, urlsplit
@@ -476,15 +475,7 @@ class S3Storage(ObjectStorage):
         # missing bucket on PUT, which would hide a bucket deleted after format.
         if await self._run("check bucket", self.bucket, self._aio_bucket_missing):
             raise NoSuchBucket(f"bucket '{self.bucket}' does not exist at {self.endpoint}")
-        key = "jfscache-check-" + secrets.token_hex(8)
-        data = b"jfscache storage check " + key.encode()
-        await self.put(key, data)
-        try:
-            got = await self.get(key)
-            if got != data:
-                raise StorageError(f"{self.url} returned different data than was written")
-        finally:
-            await self.delete(key)
+        await super().check()
 
     async def close(self) -> None:
         session, self._session, self._signer = self._session, None, None

@@ -2,7 +2,7 @@
 
 Everything here speaks inodes, offsets and OSError; the FUSE layer above only
 translates. Consistency model (as JuiceFS and NFS): close-to-open. open()
-always fetches fresh attributes, so a file changed by another node is read
+uses fresh attributes (see FRESH), so a file changed by another node is read
 anew once the kernel's attribute timeout has passed; a handle that stays open
 keeps reading the slices it resolved unless this node changes the file.
 """
@@ -50,7 +50,6 @@ class Options:
     max_uploads: int = 20
     buffer_size: int = 300 << 20
     prefetch: int = 8  # blocks ahead of a sequential reader, at most
-    read_only: bool = False
 
 
 @dataclass
@@ -78,8 +77,8 @@ class VFS:
         self.unlinked_open: set[int] = set()
         self._nursery: trio.Nursery | None = None
         self._delete_wakeup = trio.Event()
-        self._no_capability: dict[int, float] = {}
-        self._fresh: dict[int, tuple[float, int, int]] = {}  # inode -> (when, mtime, length)  # inode -> until when it is known to have none
+        self._no_capability: dict[int, float] = {}  # inode -> until when it is known to have none
+        self._fresh: dict[int, tuple[float, int, int]] = {}  # inode -> (when, mtime, length)
 
     # ---- lifecycle --------------------------------------------------------
     async def start(self, nursery: trio.Nursery) -> None:
