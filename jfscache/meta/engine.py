@@ -202,12 +202,13 @@ class Meta:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
         return Attr.from_fields(ino, v), [Slice.unpack(b) for b in raw]
 
-    async def lookup(self, parent: int, name: bytes) -> Attr:
+    async def lookup(self, parent: int, name: bytes) -> tuple[Attr, list[Slice]]:
+        """The entry's attributes, and chunk 0's slices if it is a file."""
         _check_name(name)
         res = await self.r.eval(lua.LOOKUP, [f"d{parent}"], [name])
         if res is None or res[1][0] is None:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
-        return Attr.from_fields(int(res[0][1:]), res[1])
+        return Attr.from_fields(int(res[0][1:]), res[1]), [Slice.unpack(b) for b in res[2]]
 
     async def mknod(self, parent: int, name: bytes, typ: str, mode: int, uid: int, gid: int,
                     rdev: int = 0, target: bytes = b"") -> Attr:

@@ -44,10 +44,15 @@ end
 """
 
 # KEYS: d<parent>   ARGV: name
+# A file's first chunk comes along: an open() right after the lookup then
+# needs no round trip of its own (most files read after a lookup are small).
 LOOKUP = Script(r"""
 local e = redis.call('HGET', KEYS[1], ARGV[1])
 if not e then return nil end
-return {e, """ + _HMGET % "'i' .. string.sub(e, 2)" + """}
+local ino = string.sub(e, 2)
+local chunk = {}
+if string.sub(e, 1, 1) == 'f' then chunk = redis.call('LRANGE', 'c' .. ino .. '_0', 0, -1) end
+return {e, """ + _HMGET % "'i' .. ino" + """, chunk}
 """)
 
 # KEYS: i<parent> d<parent> i<ino>

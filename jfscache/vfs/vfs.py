@@ -78,7 +78,7 @@ class VFS:
         self._nursery: trio.Nursery | None = None
         self._delete_wakeup = trio.Event()
         self._no_capability: dict[int, float] = {}  # inode -> until when it is known to have none
-        self._fresh: dict[int, tuple[float, int, int]] = {}  # inode -> (when, mtime, length)
+        self._fresh: dict[int, tuple] = {}  # inode -> (when, mtime, length, chunk 0's slices or None)
 
     # ---- lifecycle --------------------------------------------------------
     async def start(self, nursery: trio.Nursery) -> None:
@@ -147,11 +147,12 @@ class VFS:
             a.ctime = max(a.ctime, fw.mtime)
         return a
 
-    def _saw(self, a: Attr) -> Attr:
-        """Remember when these attributes were read, for open() (see FRESH)."""
+    def _saw(self, a: Attr, chunk0: list[Slice] | None = None) -> Attr:
+        """Remember when these attributes (and chunk 0's slices, when read in
+        the same round trip) were read, for open() (see FRESH)."""
         if len(self._fresh) > 100_000:
             self._fresh.clear()
-        self._fresh[a.ino] = (time.monotonic(), a.mtime, a.length)
+        self._fresh[a.ino] = (time.monotonic(), a.mtime, a.length, chunk0)
         return a
 
     async def getattr(self, ino: int) -> Attr:
@@ -162,7 +163,7 @@ class VFS:
     async def lookup(self, parent: int, name: bytes) -> Attr:
         if parent == ROOT_INODE and name == STATS_NAME:
             return self._stats_attr()
-        return self._overlay(self._saw(await self.meta.lookup(parent, name)))
+        return self._overlay(self._saw(*await self.meta.lookup(parent, name)))
 
     def _stats_attr(self) -> Attr:
         now = time.time_ns()
@@ -232,9 +233,8 @@ class VFS:
             self.handles[fh].stats = STATS.json()
             return fh, False
         seen = self._fresh.get(ino)
-        slices = None
         if seen is not None and time.monotonic() - seen[0] < FRESH:
-            _, mtime, length = seen
+            _, mtime, length, slices = seen
         else:
             # Fresh attributes, and the first chunk's slices in the same round
             # trip: most files read after open() are small.
