@@ -8,6 +8,7 @@ keeps reading the slices it resolved unless this node changes the file.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -26,9 +27,10 @@ log = logging.getLogger("jfscache.vfs")
 STATS_INODE = 0x7FFF_FFFF_0000_0001  # the virtual .stats file under the root
 STATS_NAME = b".stats"
 CAPABILITY = b"security.capability"
-# open() fetches fresh attributes (close-to-open consistency), unless they
-# were read this recently: a lookup right before the open, as the kernel
-# sends them, then costs one round trip instead of two.
+# open() and getattr() fetch fresh attributes (close-to-open consistency),
+# unless this node read them this recently and has not changed the inode
+# since: the kernel's lookup, open and the application's fstat() of one
+# open() then cost one round trip instead of three.
 FRESH = 0.1
 
 
@@ -78,7 +80,7 @@ class VFS:
         self._nursery: trio.Nursery | None = None
         self._delete_wakeup = trio.Event()
         self._no_capability: dict[int, float] = {}  # inode -> until when it is known to have none
-        self._fresh: dict[int, tuple] = {}  # inode -> (when, mtime, length, chunk 0's slices or None)
+        self._fresh: dict[int, tuple] = {}  # inode -> (when, Attr, chunk 0's slices or None)
 
     # ---- lifecycle --------------------------------------------------------
     async def start(self, nursery: trio.Nursery) -> None:
@@ -142,22 +144,35 @@ class VFS:
         """Attributes as this node's buffered writes will make them."""
         fw = self.writers.get(a.ino)
         if fw is not None:
-            a.length = max(a.length, fw.length)
-            a.mtime = max(a.mtime, fw.mtime)
-            a.ctime = max(a.ctime, fw.mtime)
+            a = dataclasses.replace(a, length=max(a.length, fw.length), mtime=max(a.mtime, fw.mtime),
+                                    ctime=max(a.ctime, fw.mtime))
         return a
 
     def _saw(self, a: Attr, chunk0: list[Slice] | None = None) -> Attr:
         """Remember when these attributes (and chunk 0's slices, when read in
-        the same round trip) were read, for open() (see FRESH)."""
+        the same round trip) were read, for open() and getattr() (see FRESH)."""
         if len(self._fresh) > 100_000:
             self._fresh.clear()
-        self._fresh[a.ino] = (time.monotonic(), a.mtime, a.length, chunk0)
+        self._fresh[a.ino] = (time.monotonic(), a, chunk0)
         return a
+
+    def _changed(self, *inos: int) -> None:
+        """This node changed these inodes: forget their remembered attributes."""
+        for ino in inos:
+            self._fresh.pop(ino, None)
+
+    def _recent(self, ino: int) -> tuple | None:
+        seen = self._fresh.get(ino)
+        if seen is not None and time.monotonic() - seen[0] < FRESH:
+            return seen
+        return None
 
     async def getattr(self, ino: int) -> Attr:
         if ino == STATS_INODE:
             return self._stats_attr()
+        seen = self._recent(ino)
+        if seen is not None:  # e.g. the fstat() that follows an open()
+            return self._overlay(seen[1])
         return self._overlay(self._saw(await self.meta.getattr(ino)))
 
     async def lookup(self, parent: int, name: bytes) -> Attr:
@@ -173,7 +188,7 @@ class VFS:
         # Buffered writes commit with mtime = now: flush them first so that
         # they cannot override explicit times, or land after a truncate.
         await self._flush_ino(ino)
-        self._fresh.pop(ino, None)
+        self._changed(ino)
         a = None
         if size is not None:
             a = await self.meta.truncate(ino, size)
@@ -188,12 +203,14 @@ class VFS:
     # ---- namespace --------------------------------------------------------
     async def mknod(self, parent: int, name: bytes, typ: str, mode: int, uid: int, gid: int,
                     rdev: int = 0, target: bytes = b"") -> Attr:
+        self._changed(parent)
         return await self.meta.mknod(parent, name, typ, mode, uid, gid, rdev, target)
 
     async def readlink(self, ino: int) -> bytes:
         return await self.meta.readlink(ino)
 
     async def link(self, ino: int, parent: int, name: bytes) -> Attr:
+        self._changed(ino, parent)
         return self._overlay(await self.meta.link(ino, parent, name))
 
     async def _released_link(self, ino: int, waits: bool) -> None:
@@ -209,14 +226,19 @@ class VFS:
             self._delete_wakeup.set()
 
     async def unlink(self, parent: int, name: bytes) -> None:
+        self._changed(parent)
         ino, waits = await self.meta.unlink(parent, name)
+        self._changed(ino)
         await self._released_link(ino, waits)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
-        await self.meta.rmdir(parent, name)
+        self._changed(parent)
+        self._changed(await self.meta.rmdir(parent, name))
 
     async def rename(self, psrc: int, nsrc: bytes, pdst: int, ndst: bytes, flags: int) -> None:
-        _, replaced, waits = await self.meta.rename(psrc, nsrc, pdst, ndst, flags)
+        self._changed(psrc, pdst)
+        moved, replaced, waits = await self.meta.rename(psrc, nsrc, pdst, ndst, flags)
+        self._changed(moved, replaced)
         await self._released_link(replaced, waits)
 
     # ---- files ------------------------------------------------------------
@@ -232,14 +254,15 @@ class VFS:
             fh = self._new_handle(ino, flags)
             self.handles[fh].stats = STATS.json()
             return fh, False
-        seen = self._fresh.get(ino)
-        if seen is not None and time.monotonic() - seen[0] < FRESH:
-            _, mtime, length, slices = seen
+        seen = self._recent(ino)
+        if seen is not None:
+            _, a, slices = seen
+            mtime, length = a.mtime, a.length
         else:
             # Fresh attributes, and the first chunk's slices in the same round
             # trip: most files read after open() are small.
             a, slices = await self.meta.getattr_and_chunk(ino, 0)
-            mtime, length = self._saw(a).mtime, a.length
+            mtime, length = self._saw(a, slices).mtime, a.length
         of = self.files.setdefault(ino, _OpenFile())
         unchanged = of.mtime == mtime and of.length == length and ino not in self.writers
         if not unchanged:
@@ -254,6 +277,7 @@ class VFS:
         return self._new_handle(ino, flags), unchanged
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Attr]:
+        self._changed(parent)
         try:
             a = await self.meta.mknod(parent, name, "f", mode, uid, gid)
         except FileExistsError:
@@ -277,7 +301,7 @@ class VFS:
         return fw
 
     def _committed(self, ino: int, indx: int, length: int) -> None:
-        self._fresh.pop(ino, None)
+        self._changed(ino)
         of = self.files.get(ino)
         if of is not None:
             of.chunks.pop(indx, None)
@@ -287,7 +311,7 @@ class VFS:
         h = self.handles[fh]
         if h.ino == STATS_INODE:
             raise OSError(errno.EACCES, os.strerror(errno.EACCES))
-        self._fresh.pop(h.ino, None)
+        self._changed(h.ino)
         await self._writer(h.ino).write(off, data)
         STATS.add("fuse_writes")
         STATS.add("fuse_write_bytes", len(data))
@@ -476,8 +500,10 @@ class VFS:
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         self._no_capability.pop(ino, None)
+        self._changed(ino)
         await self.meta.setxattr(ino, name, value)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
         self._no_capability.pop(ino, None)
+        self._changed(ino)
         await self.meta.removexattr(ino, name)
