@@ -9,7 +9,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -78,10 +77,15 @@ def _random_buffer(size: int, seed: int) -> bytes:
 
 def read_sequential(path: Path, bs: int = MiB) -> tuple[int, float]:
     """Read the whole file with bs-sized read() calls into one buffer."""
-    buf = bytearray(bs)
-    mv = memoryview(buf)
-    total = 0
+    mv = memoryview(bytearray(bs))
     t0 = time.perf_counter()
+    total = read_into(path, mv)
+    return total, time.perf_counter() - t0
+
+
+def read_into(path, mv: memoryview) -> int:
+    """Read a whole file through one reusable buffer; returns the bytes read."""
+    total = 0
     fd = os.open(path, os.O_RDONLY)
     try:
         while True:
@@ -91,7 +95,7 @@ def read_sequential(path: Path, bs: int = MiB) -> tuple[int, float]:
             total += n
     finally:
         os.close(fd)
-    return total, time.perf_counter() - t0
+    return total
 
 
 class RssSampler:
@@ -380,20 +384,8 @@ def small_write(t: Target, ctx: Ctx) -> dict:
 
 def _parallel_read(names: list[Path], readers: int, size: int) -> tuple[int, float]:
     def work(part: list[Path]) -> int:
-        buf = bytearray(size + 4096)
-        mv = memoryview(buf)
-        total = 0
-        for p in part:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                while True:
-                    n = os.readv(fd, [mv])
-                    if n <= 0:
-                        break
-                    total += n
-            finally:
-                os.close(fd)
-        return total
+        mv = memoryview(bytearray(size + 4096))
+        return sum(read_into(p, mv) for p in part)
 
     parts = [names[i::readers] for i in range(readers)]
     with ThreadPoolExecutor(readers) as pool:

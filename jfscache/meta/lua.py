@@ -195,21 +195,19 @@ if psrc ~= pdst then
   if st == 'd' and contains(sino, pdst) then return fail('EINVAL') end
   if flags == 2 and dt == 'd' and contains(dino, psrc) then return fail('EINVAL') end
 end
+-- A directory changes parent: its '..' and both parents' link counts follow.
+local function reparent(ino, from_key, to_key, to_ino)
+  redis.call('HSET', 'i' .. ino, 'parent', to_ino)
+  redis.call('HINCRBY', from_key, 'nlink', -1)
+  redis.call('HINCRBY', to_key, 'nlink', 1)
+end
 local sustained = 0
 if flags == 2 then
   redis.call('HSET', KEYS[2], ARGV[1], de)
   redis.call('HSET', KEYS[4], ARGV[2], se)
   if psrc ~= pdst then
-    if st == 'd' then
-      redis.call('HSET', 'i' .. sino, 'parent', pdst)
-      redis.call('HINCRBY', KEYS[1], 'nlink', -1)
-      redis.call('HINCRBY', KEYS[3], 'nlink', 1)
-    end
-    if dt == 'd' then
-      redis.call('HSET', 'i' .. dino, 'parent', psrc)
-      redis.call('HINCRBY', KEYS[3], 'nlink', -1)
-      redis.call('HINCRBY', KEYS[1], 'nlink', 1)
-    end
+    if st == 'd' then reparent(sino, KEYS[1], KEYS[3], pdst) end
+    if dt == 'd' then reparent(dino, KEYS[3], KEYS[1], psrc) end
   end
   redis.call('HSET', 'i' .. dino, 'ctime', now)
 else
@@ -230,11 +228,7 @@ else
   end
   redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('HSET', KEYS[4], ARGV[2], se)
-  if st == 'd' and psrc ~= pdst then
-    redis.call('HSET', 'i' .. sino, 'parent', pdst)
-    redis.call('HINCRBY', KEYS[1], 'nlink', -1)
-    redis.call('HINCRBY', KEYS[3], 'nlink', 1)
-  end
+  if st == 'd' and psrc ~= pdst then reparent(sino, KEYS[1], KEYS[3], pdst) end
 end
 redis.call('HSET', 'i' .. sino, 'ctime', now)
 touch_dir(KEYS[1], now)
