@@ -42,6 +42,7 @@ class Handle:
     attrs: dict | None = None  # snapshot index -> Attr (None: vanished)
     next_off: int = -1  # where a sequential reader would read next
     seq: int = 0  # consecutive sequential reads, drives readahead depth
+    loading: set = field(default_factory=set)  # chunks whose slices readahead is loading
     stats: bytes | None = None
 
 
@@ -418,7 +419,9 @@ class VFS:
         return out
 
     def _readahead(self, h: Handle, of: _OpenFile, off: int, end: int) -> None:
-        """Prefetch the blocks after a sequential reader, deeper as it keeps going."""
+        """Prefetch the blocks after a sequential reader, deeper as it keeps
+        going, across chunk boundaries (a chunk's slices are loaded ahead too,
+        so the reader does not stall at every 64 MiB)."""
         if off == h.next_off or off == 0:
             h.seq += 1
         else:
@@ -426,19 +429,37 @@ class VFS:
         h.next_off = end
         if h.seq < 2 or self.opts.prefetch <= 0:
             return
-        depth = min(self.opts.prefetch, h.seq) * self.bs
-        stop = min(of.length, end + depth)
-        indx = end // CHUNK_SIZE
-        segs = of.chunks.get(indx)
-        if segs is None:
-            return
-        coff_start, coff_stop = end - indx * CHUNK_SIZE, min(stop - indx * CHUNK_SIZE, CHUNK_SIZE)
+        stop = min(of.length, end + min(self.opts.prefetch, h.seq) * self.bs)
+        pos = end
+        while pos < stop:
+            indx = pos // CHUNK_SIZE
+            base = indx * CHUNK_SIZE
+            lo, hi = pos - base, min(stop - base, CHUNK_SIZE)
+            segs = of.chunks.get(indx)
+            if segs is not None:
+                self._prefetch_range(segs, lo, hi)
+            elif indx not in h.loading:
+                h.loading.add(indx)
+                self._nursery.start_soon(self._load_ahead, h, of, indx, lo, hi)
+            pos = base + CHUNK_SIZE
+
+    async def _load_ahead(self, h: Handle, of: _OpenFile, indx: int, lo: int, hi: int) -> None:
+        try:
+            segs = await self._segments(h.ino, indx, of)
+            self._prefetch_range(segs, lo, hi)
+        except Exception as e:  # only a hint: the read itself will report it
+            log.debug("loading chunk %d of inode %d ahead failed: %s", indx, h.ino, e)
+        finally:
+            h.loading.discard(indx)
+
+    def _prefetch_range(self, segs: list[Segment], lo: int, hi: int) -> None:
+        """Prefetch the blocks behind chunk offsets [lo, hi)."""
         for g in segs:
-            if g.end <= coff_start or g.sid == 0:
+            if g.end <= lo or g.sid == 0:
                 continue
-            if g.start >= coff_stop:
+            if g.start >= hi:
                 break
-            a, b = max(g.start, coff_start), min(g.end, coff_stop)
+            a, b = max(g.start, lo), min(g.end, hi)
             first = (g.soff + a - g.start) // self.bs
             last = (g.soff + b - g.start - 1) // self.bs
             for bi in range(first, last + 1):
