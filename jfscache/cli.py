@@ -9,12 +9,10 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
 import time
-import uuid
 
 import click
 
@@ -75,7 +73,7 @@ def format(meta_url, name, storage, bucket, block_size, capacity, inodes, force)
     """Create a volume: its bucket (if missing) and its settings in Redis.
 
     S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws."""
-    from .meta.engine import Meta
+    from .meta.engine import Meta, volume_settings
     from .storage import create_storage, run_with_loop
 
     if not NAME_RE.match(name):
@@ -87,12 +85,7 @@ def format(meta_url, name, storage, bucket, block_size, capacity, inodes, force)
     bs = parse_size(block_size, "K")
     if not (64 << 10) <= bs <= (16 << 20) or bs & (bs - 1):
         raise Failure("--block-size must be a power of two between 64K and 16M")
-    settings = {
-        "name": name, "uuid": str(uuid.uuid4()), "storage": storage, "bucket": bucket, "block_size": bs,
-        "capacity": parse_size(capacity, "G"), "inodes": inodes, "format_version": 1,
-        # Peers of a cache group prove they can read this record with it.
-        "group_secret": secrets.token_hex(16), "created": int(time.time()),
-    }
+    settings = volume_settings(name, storage, bucket, bs, parse_size(capacity, "G"), inodes)
     ak, sk = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     if storage == "s3" and ak and sk:
         # Saved (as JuiceFS does) so other nodes can mount with only the Redis URL.

@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import time
-import uuid
 
 STATE_NAME = "jfscache"
 VOLUME = "jfscache"
@@ -65,9 +64,8 @@ def start_redis(state: str) -> tuple[str, subprocess.Popen | None]:
 
 
 def default_settings(state: str) -> dict:
-    return {"name": VOLUME, "uuid": str(uuid.uuid4()), "storage": "file",
-            "bucket": "file://" + os.path.join(state, "blocks"), "block_size": 4 << 20,
-            "capacity": 0, "inodes": 0, "format_version": 1}
+    from .meta.engine import volume_settings
+    return volume_settings(VOLUME, "file", "file://" + os.path.join(state, "blocks"))
 
 
 def stop_redis(proc: subprocess.Popen | None) -> None:

@@ -310,3 +310,16 @@ def _redis_pids_under(root: Path) -> list[int]:
         if str(root) in cwd or str(root) in cmd:
             pids.append(int(d))
     return pids
+
+
+def test_volume_from_a_newer_format_is_refused(make_volume, redis_server):
+    """A volume whose settings carry a newer format version is not misread."""
+    import json
+    vol = make_volume("file")
+    db = int(vol.meta_url.rsplit("/", 1)[1])
+    r = redis_server.client(db)
+    settings = json.loads(r.get("setting"))
+    settings["format_version"] = 99
+    r.set("setting", json.dumps(settings))
+    res = run_cli("status", vol.meta_url, env=vol.env)
+    assert_clean_error(res, r"newer jfscache")

@@ -9,9 +9,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
 import socket
 import struct
 import time
+import uuid
 from dataclasses import dataclass
 
 from ..layout import CHUNK_SIZE
@@ -25,13 +27,23 @@ SESSION_TIMEOUT = 300  # seconds without heartbeat before a session is reaped
 HEARTBEAT = 12
 
 TYPES = {"f": 0o100000, "d": 0o040000, "l": 0o120000, "p": 0o010000, "c": 0o020000, "b": 0o060000, "s": 0o140000}
-TYPE_OF_MODE = {v: k for k, v in TYPES.items()}
 
 _SLICE = struct.Struct(">IQIII")  # pos in chunk, slice id, slice size, offset in slice, length
 
 
 class NotFormatted(Exception):
     pass
+
+
+def volume_settings(name: str, storage: str, bucket: str, block_size: int = 4 << 20,
+                    capacity: int = 0, inodes: int = 0) -> dict:
+    """The settings record of a new volume."""
+    return {
+        "name": name, "uuid": str(uuid.uuid4()), "storage": storage, "bucket": bucket,
+        "block_size": block_size, "capacity": capacity, "inodes": inodes, "format_version": FORMAT_VERSION,
+        # Peers of a cache group prove they can read this record with it.
+        "group_secret": secrets.token_hex(16), "created": int(time.time()),
+    }
 
 
 @dataclass(slots=True)
@@ -110,7 +122,11 @@ class Meta:
         raw = await self.r.execute("GET", "setting")
         if raw is None:
             raise NotFormatted(f"no jfscache volume is formatted in Redis at {self.r.where} (run 'jfscache format' first)")
-        self.settings = json.loads(raw)
+        settings = json.loads(raw)
+        if int(settings.get("format_version", 0)) > FORMAT_VERSION:
+            raise NotFormatted(f"the volume in Redis at {self.r.where} was formatted by a newer jfscache "
+                               f"(format version {settings['format_version']}; this one reads {FORMAT_VERSION})")
+        self.settings = settings
         return self.settings
 
     async def format(self, settings: dict, force: bool = False) -> None:
@@ -339,4 +355,4 @@ class Meta:
 
 
 __all__ = ["Meta", "Attr", "Slice", "NotFormatted", "RedisUnavailable", "CHUNK_SIZE", "ROOT_INODE", "TYPES",
-           "TYPE_OF_MODE"]
+           "volume_settings"]
