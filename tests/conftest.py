@@ -102,18 +102,24 @@ def _watchdog(request):
 # --------------------------------------------------------------------------
 # servers
 
-@pytest.fixture(scope="session")
-def redis_server() -> RedisServer:
-    """A private redis-server: `.url(db)`, `.new_db()`, `.port`, `.client(db)`."""
+def _running(kind, name: str):
+    """Start a server of `kind` in a fresh dir for the session (failing the
+    test with its log if it does not come up), yield it, stop it."""
     if PLAIN_DIR:
         pytest.skip("servers are not started when JFSCACHE_TEST_DIR is set")
-    server = RedisServer(new_dir("redis"))
+    server = kind(new_dir(name))
     try:
         server.start()
     except RuntimeError as e:
         pytest.fail(str(e), pytrace=False)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> RedisServer:
+    """A private redis-server: `.url(db)`, `.new_db()`, `.port`, `.client(db)`."""
+    yield from _running(RedisServer, "redis")
 
 
 @pytest.fixture(scope="session")
@@ -121,15 +127,7 @@ def s3_server() -> SeaweedS3:
     """SeaweedFS with its S3 gateway: `.endpoint`, `.access_key`,
     `.secret_key`, `.env`, `.bucket_url(name)`, `.client()` (boto3),
     `.bucket_exists(name)`, `.delete_bucket(name)`."""
-    if PLAIN_DIR:
-        pytest.skip("servers are not started when JFSCACHE_TEST_DIR is set")
-    server = SeaweedS3(new_dir("seaweedfs"))
-    try:
-        server.start()
-    except RuntimeError as e:
-        pytest.fail(str(e), pytrace=False)
-    yield server
-    server.stop()
+    yield from _running(SeaweedS3, "seaweedfs")
 
 
 # --------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from helpers import (
     assert_clean_error,
     assert_ok,
     describe,
-    file_sha256,
     free_port,
     is_mounted,
     new_dir,
@@ -76,10 +74,15 @@ def test_redis_unreachable(command, mounts, tmp_dir):
     elif command == "status":
         assert_clean_error(run_cli("status", url, timeout=FAIL_FAST), pattern)
     else:
-        mp = new_dir("mnt")
-        r = expect_mount_failure(mounts, ["mount", url, mp, "--cache-dir", new_dir("cache")], mp)
-        assert_clean_error(r, pattern, strict=False)
-        assert not is_mounted(mp)
+        assert_mount_fails(mounts, url, pattern)
+
+
+def assert_mount_fails(mounts, url: str, pattern: str) -> None:
+    """`jfscache mount URL MP` fails with a clear error matching pattern and leaves nothing mounted."""
+    mp = new_dir("mnt")
+    r = expect_mount_failure(mounts, ["mount", url, mp, "--cache-dir", new_dir("cache")], mp)
+    assert_clean_error(r, pattern, strict=False)
+    assert not is_mounted(mp)
 
 
 @pytest.mark.parametrize("command", ["status", "mount"])
@@ -89,10 +92,7 @@ def test_volume_not_formatted(command, redis_server, mounts):
     if command == "status":
         assert_clean_error(run_cli("status", url, timeout=FAIL_FAST), pattern)
     else:
-        mp = new_dir("mnt")
-        r = expect_mount_failure(mounts, ["mount", url, mp, "--cache-dir", new_dir("cache")], mp)
-        assert_clean_error(r, pattern, strict=False)
-        assert not is_mounted(mp)
+        assert_mount_fails(mounts, url, pattern)
 
 
 def test_format_wrong_s3_credentials(redis_server, s3_server):
