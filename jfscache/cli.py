@@ -96,10 +96,7 @@ def format(meta_url, name, storage, bucket, block_size, capacity, inodes, force)
         try:
             # Ask Redis first: it is the cheaper check, and refusing early
             # avoids creating a bucket for a format that will be refused.
-            old = await meta.r.execute("GET", "setting")
-            if old is not None and not force:
-                raise Failure(f"Redis at {meta.r.where} already holds volume "
-                              f"'{json.loads(old).get('name')}' (use --force to overwrite its settings)")
+            await meta.check_formattable(force)
             store = create_storage(storage, bucket)
             try:
                 if await store.create():

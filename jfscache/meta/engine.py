@@ -114,8 +114,7 @@ class Meta:
         self.r = Redis(url)
         self.settings: dict = {}
         self.sid = 0
-        self._ino_next = self._ino_end = 0
-        self._slice_next = self._slice_end = 0
+        self._ids: dict[str, tuple[int, int]] = {}  # counter -> (next id, end of reserved range)
 
     # ---- volume -----------------------------------------------------------
     async def load(self) -> dict:
@@ -129,11 +128,17 @@ class Meta:
         self.settings = settings
         return self.settings
 
-    async def format(self, settings: dict, force: bool = False) -> None:
+    async def check_formattable(self, force: bool = False) -> bytes | None:
+        """The current settings record (None if there is none); refuses an
+        existing volume unless forced."""
         old = await self.r.execute("GET", "setting")
         if old is not None and not force:
             name = json.loads(old).get("name")
             raise FileExistsError(f"Redis at {self.r.where} already holds volume '{name}' (use --force to overwrite its settings)")
+        return old
+
+    async def format(self, settings: dict, force: bool = False) -> None:
+        old = await self.check_formattable(force)
         now = _now()
         cmds = [("SET", "setting", json.dumps(settings))]
         if old is None:
@@ -185,19 +190,21 @@ class Meta:
         return out
 
     # ---- counters ---------------------------------------------------------
+    async def _next_id(self, counter: str) -> int:
+        """A fresh id from a Redis counter, reserved 100 at a time per client
+        (one round trip per hundred creates or slices)."""
+        nxt, end = self._ids.get(counter, (0, 0))
+        if nxt >= end:
+            top = await self.r.execute("INCRBY", counter, 100)
+            nxt, end = top - 99, top + 1
+        self._ids[counter] = (nxt + 1, end)
+        return nxt
+
     async def _next_inode(self) -> int:
-        if self._ino_next >= self._ino_end:
-            end = await self.r.execute("INCRBY", "nextinode", 100)
-            self._ino_next, self._ino_end = end - 99, end + 1
-        self._ino_next += 1
-        return self._ino_next - 1
+        return await self._next_id("nextinode")
 
     async def new_slice_id(self) -> int:
-        if self._slice_next >= self._slice_end:
-            end = await self.r.execute("INCRBY", "nextslice", 100)
-            self._slice_next, self._slice_end = end - 99, end + 1
-        self._slice_next += 1
-        return self._slice_next - 1
+        return await self._next_id("nextslice")
 
     async def _script(self, script, keys, args):
         try:
