@@ -27,7 +27,8 @@ def _known_errors():
     from .meta.engine import NotFormatted
     from .meta.redisio import RedisError, RedisUnavailable
     from .storage import StorageError
-    return (Failure, NotFormatted, RedisUnavailable, RedisError, StorageError, FileExistsError, ValueError)
+    from .fsutil import Busy
+    return (Failure, NotFormatted, RedisUnavailable, RedisError, StorageError, FileExistsError, ValueError, Busy)
 
 
 def parse_size(text: str, default_unit: str = "") -> int:
@@ -82,6 +83,9 @@ def format(meta_url, name, storage, bucket, block_size, capacity, inodes, force)
         if storage == "s3":
             raise Failure("--bucket is required for S3 storage (e.g. --bucket http://127.0.0.1:9000/mybucket)")
         bucket = "file://" + os.path.join(os.path.expanduser("~"), ".jfscache", "local", name)
+    elif storage == "file" and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", bucket) and not bucket.startswith("file://"):
+        raise Failure(f"--bucket {bucket} is a URL, but --storage is 'file' (a local directory): "
+                      "add --storage s3, or give a directory")
     bs = parse_size(block_size, "K")
     if not (64 << 10) <= bs <= (16 << 20) or bs & (bs - 1):
         raise Failure("--block-size must be a power of two between 64K and 16M")
@@ -147,14 +151,20 @@ def status(meta_url):
 @click.argument("args", nargs=-1, required=True, metavar="[META_URL] MOUNTPOINT")
 @click.option("--cache-dir", "cache_dirs", multiple=True, help="disk cache directory (repeatable)")
 @click.option("--cache-size", default="10G", show_default=True, help="disk cache size (MiB if no unit); 0 disables it")
-@click.option("--free-space-ratio", default=0.1, show_default=True, help="keep at least this fraction of the cache disk free")
+@click.option("--free-space-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 0.9),
+              help="keep at least this fraction of the cache disk free")
 @click.option("--mem-cache-size", default="256M", show_default=True, help="memory cache size (MiB if no unit)")
 @click.option("--buffer-size", default="300M", show_default=True, help="write buffer limit (MiB if no unit)")
-@click.option("--max-uploads", default=20, show_default=True, help="parallel block uploads")
-@click.option("--prefetch", default=8, show_default=True, help="blocks prefetched ahead of a sequential reader")
-@click.option("--attr-timeout", default=1.0, show_default=True, help="kernel attribute cache timeout (s)")
-@click.option("--entry-timeout", default=1.0, show_default=True, help="kernel entry cache timeout (s)")
-@click.option("--read-ahead-kb", default=1024, show_default=True, help="kernel readahead of the mount (0: leave it)")
+@click.option("--max-uploads", default=20, show_default=True, type=click.IntRange(1, 1000),
+              help="parallel block uploads")
+@click.option("--prefetch", default=8, show_default=True, type=click.IntRange(0, 256),
+              help="blocks prefetched ahead of a sequential reader")
+@click.option("--attr-timeout", default=1.0, show_default=True, type=click.FloatRange(0, 86400),
+              help="kernel attribute cache timeout (s)")
+@click.option("--entry-timeout", default=1.0, show_default=True, type=click.FloatRange(0, 86400),
+              help="kernel entry cache timeout (s)")
+@click.option("--read-ahead-kb", default=1024, show_default=True, type=click.IntRange(0, 1 << 20),
+              help="kernel readahead of the mount (0: leave it)")
 @click.option("-d", "--background", is_flag=True, help="run in the background")
 @click.option("--log", "log_file", help="log file (default for -d: <cache dir>/jfscache.log)")
 @click.option("--debug", is_flag=True, help="debug logging")
@@ -195,19 +205,20 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
     redis_proc = None
     try:
         if meta_url is None:
-            cfg.meta_url, redis_proc = _embedded_volume()
+            cfg.meta_url, redis_proc = _embedded_volume(mountpoint)
         run_mount(cfg)
     finally:
         from .embedded import stop_redis
         stop_redis(redis_proc)
 
 
-def _embedded_volume():
-    from .embedded import default_settings, start_redis, state_dir
+def _embedded_volume(mountpoint: str):
+    from .embedded import default_settings, lock_state, start_redis, state_dir
     from .meta.engine import Meta
     from .storage import create_storage, run_with_loop
 
     state = state_dir()
+    lock_state(state, mountpoint)
     url, proc = start_redis(state)
 
     async def ensure_formatted():

@@ -68,7 +68,7 @@ async def _serve(cfg: MountConfig) -> None:
         disk = None
         if cfg.cache_dirs and cfg.cache_size > 0:
             disk = DiskCache(cfg.cache_dirs, cfg.cache_size, cfg.free_space_ratio)
-            await disk.open()
+            await disk.open(f"pid {os.getpid()} (mount at {cfg.mountpoint})")
             stack.callback(disk.close)
         cache = BlockCache(storage, cfg.mem_cache_size, disk=disk, max_prefetch=max(1, cfg.opts.prefetch))
         vfs = VFS(meta, cache, cfg.opts)

@@ -34,6 +34,17 @@ def _answers(sock: str) -> bool:
         return False
 
 
+def lock_state(state: str, mountpoint: str) -> None:
+    """One daemon per embedded volume: a second would share its private
+    redis-server (and stop it at its own unmount) and its cache directory.
+    The lock is held until this process exits."""
+    from .fsutil import hold_lock
+    os.makedirs(state, mode=0o700, exist_ok=True)
+    hold_lock(os.path.join(state, "mount.lock"), f"the embedded volume in {state}",
+              f"the jfscache mount at {mountpoint} (pid {os.getpid()}); unmount it first, "
+              "or set XDG_STATE_HOME for a second embedded volume")
+
+
 def start_redis(state: str) -> tuple[str, subprocess.Popen | None]:
     """A redis-server private to this state dir (reused if one already runs).
     Returns its URL and the process we started (None if reused)."""

@@ -26,3 +26,26 @@ def write_atomic(path: str, tmp: str, data, *, fsync: bool) -> None:
         except OSError:
             pass
         raise
+
+
+class Busy(Exception):
+    """Another jfscache process holds a lock this one needs (one line, for the CLI)."""
+
+
+def hold_lock(path: str, what: str, owner: str) -> int:
+    """Take an exclusive lock on `path` for the life of this process and
+    return its fd (closing it releases the lock; so does process death, so a
+    killed daemon never leaves a stale lock). `owner` is written into the
+    file so that the next process can say who holds it."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise Busy(f"{what} is in use by {holder}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, owner.encode(), 0)
+    return fd

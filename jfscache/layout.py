@@ -10,6 +10,10 @@ from dataclasses import dataclass
 
 CHUNK_SIZE = 64 << 20
 DEFAULT_BLOCK_SIZE = 4 << 20
+# The largest file: 1 PiB. Lengths and offsets stay exact in the Lua scripts
+# (doubles are exact below 2^53) with room for sums, and chunk indexes fit 2^24.
+# Writes and truncates past it fail with EFBIG.
+MAX_FILE_SIZE = 1 << 50
 
 
 def block_key(volume: str, slice_id: int, index: int, size: int) -> str:

@@ -323,3 +323,53 @@ def test_volume_from_a_newer_format_is_refused(make_volume, redis_server):
     r.set("setting", json.dumps(settings))
     res = run_cli("status", vol.meta_url, env=vol.env)
     assert_clean_error(res, r"newer jfscache")
+
+
+@pytest.mark.parametrize("opt,value", [("--max-uploads", "0"), ("--free-space-ratio", "2"),
+                                       ("--prefetch", "-1"), ("--attr-timeout", "-1"),
+                                       ("--entry-timeout", "-0.5"), ("--read-ahead-kb", "-5")])
+def test_mount_option_out_of_range(opt, value, make_volume, mounts):
+    """Out-of-range options are refused before anything starts: --max-uploads 0
+    used to hang the first close forever, --free-space-ratio 2 evicted the
+    whole cache, negative timeouts and readahead were taken as given."""
+    vol = make_volume("file")
+    mp = new_dir("mnt")
+    r = expect_mount_failure(mounts, ["mount", vol.meta_url, mp, opt, value], mp, env=vol.env)
+    assert_clean_error(r, rf"{opt}.*{re.escape(value)}.*range", strict=False)
+    assert not is_mounted(mp)
+
+
+def test_redis_url_with_bad_database(redis_server):
+    r = run_cli("status", f"redis://127.0.0.1:{redis_server.port}/abc", timeout=FAIL_FAST)
+    assert_clean_error(r, r"database 'abc' is not a number")
+
+
+def test_format_file_store_with_url_bucket(redis_server, tmp_dir):
+    """A URL given to the (default) file storage is a mistake, not a directory
+    named 'http:' under the current directory."""
+    url = redis_server.url(redis_server.new_db())
+    r = run_cli("format", url, "vol", "--bucket", "http://127.0.0.1:9/bkt", cwd=tmp_dir, timeout=FAIL_FAST)
+    assert_clean_error(r, r"--storage s3")
+    assert list(tmp_dir.iterdir()) == []
+
+
+def test_embedded_volume_mounted_twice_is_refused(mounts, tmp_dir):
+    """A second mount of the embedded volume would share its private Redis
+    (and stop it when it unmounts) and its cache dir."""
+    env = dict(os.environ, HOME=str(tmp_dir), XDG_STATE_HOME=str(tmp_dir / "state"))
+    mp1, mp2 = new_dir("mnt"), new_dir("mnt")
+    m = mounts.start(["mount", str(mp1)], mp1, env)
+    r = expect_mount_failure(mounts, ["mount", mp2], mp2, env=env)
+    assert_clean_error(r, rf"embedded volume .* in use by the jfscache mount at {re.escape(str(mp1))}")
+    (mp1 / "still-works").write_bytes(b"yes")
+    assert (mp1 / "still-works").read_bytes() == b"yes"
+    m.umount()
+
+
+def test_cache_dir_shared_by_two_daemons_is_refused(make_volume, mount_volume, mounts, tmp_dir):
+    cache = tmp_dir / "cache"
+    m = mount_volume(make_volume("file"), cache_dir=cache)
+    vol2 = make_volume("file")
+    mp = new_dir("mnt")
+    r = expect_mount_failure(mounts, ["mount", vol2.meta_url, mp, "--cache-dir", cache], mp, env=vol2.env)
+    assert_clean_error(r, rf"cache dir {re.escape(str(cache))} is in use by pid {m.proc.pid}", strict=False)

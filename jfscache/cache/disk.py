@@ -27,7 +27,7 @@ import lmdb
 import trio
 import xxhash
 
-from ..fsutil import write_atomic
+from ..fsutil import Busy, hold_lock, write_atomic
 from .stats import STATS
 
 log = logging.getLogger("jfscache.cache.disk")
@@ -55,6 +55,7 @@ class _Dir:
         self.env: lmdb.Environment | None = None
         self.touched: dict[str, float] = {}
         self.broken_until = 0.0  # writes paused until then after an I/O failure
+        self.lock = -1  # fd holding the dir's lock while this process uses it
 
     def file(self, key: str) -> str:
         return os.path.join(self.blocks, key)
@@ -70,19 +71,29 @@ class DiskCache:
         self._warned: set[str] = set()
 
     # ---- lifecycle --------------------------------------------------------
-    async def open(self) -> None:
+    async def open(self, owner: str = "") -> None:
+        """Open every cache dir. One that another daemon uses is an error
+        (Busy): two daemons evicting each other's files under one index
+        would corrupt it. One that cannot be used is skipped with a warning."""
         usable = []
         for d in self.dirs:
             try:
-                await trio.to_thread.run_sync(self._open_dir, d)
+                await trio.to_thread.run_sync(self._open_dir, d, owner or f"pid {os.getpid()}")
                 usable.append(d)
+            except Busy:
+                self.close()
+                raise
             except (OSError, lmdb.Error) as e:
+                if d.lock >= 0:
+                    os.close(d.lock)
+                    d.lock = -1
                 self._warn("open", f"cache dir {d.path} is unusable ({e}); reading without it")
         self.dirs = usable
 
-    def _open_dir(self, d: _Dir) -> None:
+    def _open_dir(self, d: _Dir, owner: str) -> None:
         os.makedirs(d.blocks, mode=0o700, exist_ok=True)
         os.chmod(d.path, 0o700)
+        d.lock = hold_lock(os.path.join(d.path, ".lock"), f"cache dir {d.path}", owner)
         os.makedirs(os.path.join(d.path, "index.lmdb"), mode=0o700, exist_ok=True)
         d.env = lmdb.open(os.path.join(d.path, "index.lmdb"), map_size=1 << 32, subdir=True,
                           sync=False, metasync=False, max_dbs=0, mode=0o600)
@@ -133,6 +144,9 @@ class DiskCache:
                 d.env.sync(True)
                 d.env.close()
                 d.env = None
+            if d.lock >= 0:
+                os.close(d.lock)
+                d.lock = -1
 
     # ---- lookups ----------------------------------------------------------
     def _dir(self, key: str) -> _Dir | None:

@@ -16,13 +16,14 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from ..layout import CHUNK_SIZE
+from ..layout import CHUNK_SIZE, MAX_FILE_SIZE
 from . import lua
 from .redisio import Redis, RedisError, RedisUnavailable
 
 ROOT_INODE = 1
 NAME_MAX = 255
-FORMAT_VERSION = 1
+# 2: chunk index sets (k<ino>) and the xattr flag; version 1 volumes are upgraded on load.
+FORMAT_VERSION = 2
 SESSION_TIMEOUT = 300  # seconds without heartbeat before a session is reaped
 HEARTBEAT = 12
 
@@ -76,6 +77,7 @@ class Attr:
     mtime: int
     ctime: int
     parent: int
+    xattr: bool = True  # may have extended attributes (False: known to have none)
 
     @property
     def st_mode(self) -> int:
@@ -85,7 +87,7 @@ class Attr:
     def from_fields(cls, ino: int, v: list) -> "Attr":
         """From an HMGET of lua.ATTR_FIELDS."""
         return cls(ino, v[0].decode(), int(v[1]), int(v[2]), int(v[3]), int(v[4]), int(v[5]), int(v[6]),
-                   int(v[7]), int(v[8]), int(v[9]), int(v[10] or 0))
+                   int(v[7]), int(v[8]), int(v[9]), int(v[10] or 0), v[11] != b"0")
 
 
 def _oserror(e: RedisError) -> OSError:
@@ -100,6 +102,11 @@ def _oserror(e: RedisError) -> OSError:
 def _check_name(name: bytes):
     if len(name) > NAME_MAX:
         raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+
+
+def _check_size(n: int) -> None:
+    if n > MAX_FILE_SIZE:
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
 
 
 def _now() -> str:
@@ -122,11 +129,31 @@ class Meta:
         if raw is None:
             raise NotFormatted(f"no jfscache volume is formatted in Redis at {self.r.where} (run 'jfscache format' first)")
         settings = json.loads(raw)
-        if int(settings.get("format_version", 0)) > FORMAT_VERSION:
+        version = int(settings.get("format_version", 0))
+        if version > FORMAT_VERSION:
             raise NotFormatted(f"the volume in Redis at {self.r.where} was formatted by a newer jfscache "
-                               f"(format version {settings['format_version']}; this one reads {FORMAT_VERSION})")
+                               f"(format version {version}; this one reads {FORMAT_VERSION})")
+        if version < 2:
+            await self._index_chunks()
+            settings["format_version"] = FORMAT_VERSION
+            await self.r.execute("SET", "setting", json.dumps(settings))
         self.settings = settings
         return self.settings
+
+    async def _index_chunks(self) -> None:
+        """Upgrade from format 1: build each file's chunk index set (k<ino>)
+        from its chunk keys. Idempotent, so concurrent mounts may both run it."""
+        cursor = b"0"
+        while True:
+            cursor, keys = await self.r.execute("SCAN", cursor, "MATCH", "c*_*", "COUNT", 1000)
+            cmds = []
+            for k in keys:
+                ino, _, indx = k[1:].partition(b"_")
+                if ino.isdigit() and indx.isdigit():
+                    cmds.append(("ZADD", b"k" + ino, indx, indx))
+            await self.r.pipeline(cmds)
+            if cursor == b"0":
+                return
 
     async def check_formattable(self, force: bool = False) -> bytes | None:
         """The current settings record (None if there is none); refuses an
@@ -244,7 +271,7 @@ class Meta:
                                   int(self.settings.get("inodes", 0)), parent_field])
         n = int(now)
         return Attr(ino, typ, int(res[0]), uid, int(res[1]), rdev, 2 if typ == "d" else 1,
-                    len(target) if typ == "l" else 0, n, n, n, parent_field)
+                    len(target) if typ == "l" else 0, n, n, n, parent_field, False)
 
     async def readlink(self, ino: int) -> bytes:
         t = await self.r.execute("GET", f"s{ino}")
@@ -286,7 +313,8 @@ class Meta:
         return Attr.from_fields(ino, flat)
 
     async def truncate(self, ino: int, length: int) -> Attr:
-        flat = await self._script(lua.TRUNCATE, [f"i{ino}"], [length, _now(), CHUNK_SIZE, self.capacity, ino])
+        _check_size(length)
+        flat = await self._script(lua.TRUNCATE, [f"i{ino}", f"k{ino}"], [length, _now(), CHUNK_SIZE, self.capacity, ino])
         return Attr.from_fields(ino, flat)
 
     async def readdir(self, ino: int) -> tuple[int, list[tuple[bytes, int, str]]]:
@@ -309,27 +337,44 @@ class Meta:
     async def write_slice(self, ino: int, indx: int, s: Slice) -> int:
         """Append a slice whose blocks are stored; returns the new file length."""
         end = indx * CHUNK_SIZE + s.pos + s.len
-        return int(await self._script(lua.WRITE, [f"i{ino}", f"c{ino}_{indx}"],
-                                      [s.pack(), end, _now(), self.capacity]))
+        _check_size(end)
+        return int(await self._script(lua.WRITE, [f"i{ino}", f"c{ino}_{indx}", f"k{ino}"],
+                                      [s.pack(), end, _now(), self.capacity, indx]))
 
-    async def pending_deletes(self, limit: int = 100) -> tuple[list[bytes], list[bytes]]:
-        """Files and slices whose data waits to be deleted."""
-        files, slices = await self.r.pipeline([("ZRANGE", "delfiles", 0, limit - 1),
-                                               ("LRANGE", "delslices", 0, limit - 1)])
-        return files, slices
+    # ---- deletion queues (drained by the background deleter, in batches) ---
+    async def deleted_files(self, limit: int = 100) -> list[bytes]:
+        """Members ("<ino>:<length>") of files whose data waits to be deleted."""
+        return await self.r.execute("ZRANGE", "delfiles", 0, limit - 1)
 
-    async def file_slices(self, ino: int, length: int) -> list[Slice]:
-        n = (length + CHUNK_SIZE - 1) // CHUNK_SIZE
-        replies = await self.r.pipeline([("LRANGE", f"c{ino}_{i}", 0, -1) for i in range(n)])
-        return [Slice.unpack(b) for rep in replies for b in rep]
+    async def file_chunks(self, ino: int, limit: int = 100) -> list[tuple[bytes, list[Slice]]]:
+        """Up to `limit` of a deleted file's remaining chunks: (index, slices)."""
+        idx = await self.r.execute("ZRANGE", f"k{ino}", 0, limit - 1)
+        lists = await self.r.pipeline([("LRANGE", f"c{ino}_".encode() + i, 0, -1) for i in idx])
+        return [(i, [Slice.unpack(b) for b in raw]) for i, raw in zip(idx, lists)]
 
-    async def forget_file(self, member: bytes, ino: int, length: int) -> None:
-        n = (length + CHUNK_SIZE - 1) // CHUNK_SIZE
-        await self.r.pipeline([("DEL", *[f"c{ino}_{i}" for i in range(n)]), ("ZREM", "delfiles", member)]
-                              if n else [("ZREM", "delfiles", member)])
+    async def forget_chunks(self, ino: int, idx: list[bytes]) -> None:
+        await self.r.pipeline([("DEL", *[f"c{ino}_".encode() + i for i in idx]), ("ZREM", f"k{ino}", *idx)])
 
-    async def forget_slices(self, count: int) -> None:
-        await self.r.execute("LTRIM", "delslices", count, -1)
+    async def forget_file(self, member: bytes, ino: int) -> None:
+        """The file's data is gone: drop its entry (unless chunks remain)."""
+        if not await self.r.execute("EXISTS", f"k{ino}"):
+            await self.r.execute("ZREM", "delfiles", member)
+
+    async def take_cut_chunks(self, limit: int = 100) -> list[tuple[bytes, list[Slice]]]:
+        """Claim up to `limit` chunk lists cut off by truncates: (key, slices).
+        Popped, so two mounts never work on one; a crash in between leaves
+        orphan objects (gc finds them), never a file pointing at deleted data."""
+        keys = await self.r.execute("LPOP", "delchunks", limit) or []
+        lists = await self.r.pipeline([("LRANGE", k, 0, -1) for k in keys])
+        return [(k, [Slice.unpack(b) for b in raw]) for k, raw in zip(keys, lists)]
+
+    async def forget_keys(self, keys: list[bytes]) -> None:
+        if keys:
+            await self.r.execute("DEL", *keys)
+
+    async def take_slices(self, limit: int = 100) -> list[Slice]:
+        """Claim queued slices (format 1 truncates queued slices, not chunks)."""
+        return [Slice.unpack(b) for b in await self.r.execute("LPOP", "delslices", limit) or []]
 
     # ---- xattrs -----------------------------------------------------------
     async def getxattr(self, ino: int, name: bytes) -> bytes:
@@ -345,8 +390,7 @@ class Meta:
         await self._script(lua.SETXATTR, [f"i{ino}", f"x{ino}"], [name, value, _now()])
 
     async def removexattr(self, ino: int, name: bytes) -> None:
-        if not await self.r.execute("HDEL", f"x{ino}", name):
-            raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+        await self._script(lua.REMOVEXATTR, [f"i{ino}", f"x{ino}"], [name, _now()])
 
     # ---- statfs -----------------------------------------------------------
     async def statfs(self) -> tuple[int, int, int, int]:

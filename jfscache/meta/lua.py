@@ -7,11 +7,15 @@ trip. Scripts report POSIX failures as error replies named after the errno
 
 Key space (one Redis database per volume):
   setting            JSON volume settings
-  i<ino>             hash: type mode uid gid rdev nlink length atime mtime ctime parent
+  i<ino>             hash: type mode uid gid rdev nlink length atime mtime ctime parent xattr
                      (times are nanosecond integers kept as strings: Lua numbers
-                     are doubles and would round them, so scripts never do arithmetic on them)
+                     are doubles and would round them, so scripts never do arithmetic on them;
+                     xattr is '0' when the inode has no extended attributes, so that the
+                     common "none" answer needs no second key)
   d<ino>             hash: name -> <type char><ino>
   c<ino>_<indx>      list of packed slices of chunk indx (newest last)
+  k<ino>             zset of the chunk indexes of a file that have slices (score = index):
+                     truncate and delete visit the chunks that exist, never 0..length
   x<ino>             hash: xattr name -> value
   s<ino>             symlink target
   nextinode nextslice nextsession usedSpace totalInodes   counters
@@ -20,17 +24,24 @@ Key space (one Redis database per volume):
   sustained<sid>     set of inodes unlinked while open in that session
   delfiles           zset: "<ino>:<length>" -> time; data waiting to be deleted
   delslices          list of packed slices whose blocks wait to be deleted
+  delchunks          list of names of cut chunk lists (renamed c-keys) waiting to be deleted
+
+Offsets and lengths stay below MAX_FILE_SIZE (2^50), where Lua's doubles are
+exact; numbers go back to Redis through num(), never through Lua's own
+number formatting, which switches to exponent notation for large values.
 """
 from .redisio import Script
 
 # Attribute fields in the fixed order in which scripts and the engine read them.
-ATTR_FIELDS = ("type", "mode", "uid", "gid", "rdev", "nlink", "length", "atime", "mtime", "ctime", "parent")
+ATTR_FIELDS = ("type", "mode", "uid", "gid", "rdev", "nlink", "length", "atime", "mtime", "ctime", "parent",
+               "xattr")
 _HMGET = "redis.call('HMGET', %s, " + ", ".join(f"'{f}'" for f in ATTR_FIELDS) + ")"
 
 # Shared Lua helpers, prepended to scripts that need them.
 _COMMON = r"""
 local function fail(e) return redis.error_reply(e) end
 local function align4k(n) return math.ceil(n / 4096) * 4096 end
+local function num(n) return string.format('%.0f', n) end
 local function dir_ok(pk)
   local p = redis.call('HMGET', pk, 'type', 'nlink', 'mode', 'gid')
   if not p[1] then return nil, 'ENOENT' end
@@ -78,7 +89,7 @@ if typ == 'd' then nlink = 2 end
 if typ == 'l' then length = string.len(ARGV[9]) end
 redis.call('HSET', KEYS[3], 'type', typ, 'mode', mode, 'uid', ARGV[5], 'gid', gid, 'rdev', ARGV[7],
            'nlink', nlink, 'length', length, 'atime', ARGV[8], 'mtime', ARGV[8], 'ctime', ARGV[8],
-           'parent', ARGV[11])
+           'parent', ARGV[11], 'xattr', '0')
 if typ == 'l' then redis.call('SET', 's' .. ARGV[2], ARGV[9]) end
 redis.call('HSET', KEYS[2], ARGV[1], typ .. ARGV[2])
 touch_dir(KEYS[1], ARGV[8])
@@ -98,8 +109,9 @@ local function drop_inode(ino, now_s)
   redis.call('DECR', 'totalInodes')
   if a[1] == 'f' then
     local len = tonumber(a[2])
-    redis.call('DECRBY', 'usedSpace', align4k(len))
-    if len > 0 then redis.call('ZADD', 'delfiles', now_s, ino .. ':' .. a[2]) end
+    redis.call('DECRBY', 'usedSpace', num(align4k(len)))
+    -- The chunks (k<ino>) are deleted by the background deleter in batches.
+    if redis.call('EXISTS', 'k' .. ino) == 1 then redis.call('ZADD', 'delfiles', now_s, ino .. ':' .. a[2]) end
   end
 end
 -- One link of a non-directory goes away. Returns 1 when a file reached
@@ -258,10 +270,13 @@ redis.call('HSET', KEYS[1], 'ctime', ARGV[1], unpack(ARGV, 2))
 return """ + _HMGET % "KEYS[1]" + """
 """)
 
-# KEYS: i<ino>   ARGV: new_length now chunk_size capacity(0 = none) ino
+# KEYS: i<ino> k<ino>   ARGV: new_length now chunk_size capacity(0 = none) ino
 # Shrinking covers the cut part of the boundary chunk with a zero slice (id 0)
-# and drops whole chunks past the end (their slices go to delslices), so
-# bytes past the length are always absent or zero and growing again reads zeros.
+# and moves the chunks past the end out of the file (renamed, queued in
+# delchunks for the background deleter), so bytes past the length are always
+# absent or zero and growing again reads zeros. It visits only the chunks that
+# exist (k<ino>), one O(1) RENAME each: a sparse file of any length truncates
+# in time proportional to what was written, never to its offsets.
 TRUNCATE = Script(_COMMON + r"""
 local a = redis.call('HMGET', KEYS[1], 'type', 'length')
 if not a[1] then return fail('ENOENT') end
@@ -277,30 +292,33 @@ if delta > 0 and cap > 0 and tonumber(redis.call('GET', 'usedSpace') or '0') + d
 end
 if new < old then
   local first = math.floor(new / C)
-  local last = math.floor((old - 1) / C)
   local from = first
   if new % C ~= 0 then
     local pos = new % C
     local stop = math.min(C, old - first * C)
-    redis.call('RPUSH', 'c' .. ino .. '_' .. first, struct.pack('>I4I8I4I4I4', pos, 0, 0, 0, stop - pos))
+    if redis.call('ZSCORE', KEYS[2], num(first)) then
+      redis.call('RPUSH', 'c' .. ino .. '_' .. num(first), struct.pack('>I4I8I4I4I4', pos, 0, 0, 0, stop - pos))
+    end
     from = first + 1
   end
-  for i = from, last do
-    local k = 'c' .. ino .. '_' .. i
-    local sl = redis.call('LRANGE', k, 0, -1)
-    if #sl > 0 then
-      redis.call('RPUSH', 'delslices', unpack(sl))
-      redis.call('DEL', k)
+  local cut = redis.call('ZRANGEBYSCORE', KEYS[2], num(from), '+inf')
+  if #cut > 0 then
+    local base = redis.call('INCRBY', 'nextdelchunk', #cut) - #cut
+    for j, i in ipairs(cut) do
+      local g = 'g' .. num(base + j)
+      redis.call('RENAME', 'c' .. ino .. '_' .. i, g)
+      redis.call('RPUSH', 'delchunks', g)
     end
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], num(from), '+inf')
   end
 end
-redis.call('INCRBY', 'usedSpace', delta)
-redis.call('HSET', KEYS[1], 'length', new, 'mtime', ARGV[2], 'ctime', ARGV[2])
+redis.call('INCRBY', 'usedSpace', num(delta))
+redis.call('HSET', KEYS[1], 'length', ARGV[1], 'mtime', ARGV[2], 'ctime', ARGV[2])
 return """ + _HMGET % "KEYS[1]" + """
 """)
 
 # Commit one written slice. Its blocks are already in the object store.
-# KEYS: i<ino> c<ino>_<indx>   ARGV: packed slice, end offset in file, now, capacity
+# KEYS: i<ino> c<ino>_<indx> k<ino>   ARGV: packed slice, end offset in file, now, capacity, indx
 WRITE = Script(_COMMON + r"""
 local a = redis.call('HMGET', KEYS[1], 'type', 'length')
 if not a[1] then return fail('ENOENT') end
@@ -310,20 +328,30 @@ if e > old then
   local delta = align4k(e) - align4k(old)
   local cap = tonumber(ARGV[4])
   if cap > 0 and tonumber(redis.call('GET', 'usedSpace') or '0') + delta > cap then return fail('ENOSPC') end
-  redis.call('INCRBY', 'usedSpace', delta)
-  redis.call('HSET', KEYS[1], 'length', e)
+  redis.call('INCRBY', 'usedSpace', num(delta))
+  redis.call('HSET', KEYS[1], 'length', ARGV[2])
   old = e
 end
 redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[5])
 redis.call('HSET', KEYS[1], 'mtime', ARGV[3], 'ctime', ARGV[3])
-return old
+return num(old)
 """)
 
 # KEYS: i<ino> x<ino>   ARGV: name value now
+# (pyfuse3 checks XATTR_CREATE / XATTR_REPLACE itself, with a getxattr first.)
 SETXATTR = Script(r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('ENOENT') end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[1], 'ctime', ARGV[3])
+redis.call('HSET', KEYS[1], 'ctime', ARGV[3], 'xattr', '1')
+return 1
+""")
+
+# KEYS: i<ino> x<ino>   ARGV: name now
+REMOVEXATTR = Script(r"""
+if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return redis.error_reply('ENODATA') end
+if redis.call('HLEN', KEYS[2]) == 0 then redis.call('HSET', KEYS[1], 'xattr', '0') end
+redis.call('HSET', KEYS[1], 'ctime', ARGV[2])
 return 1
 """)
 

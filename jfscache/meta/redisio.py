@@ -24,9 +24,26 @@ class RedisUnavailable(Exception):
     """Redis cannot be reached; the message says where and why, in one line."""
 
 
+def _parse(url: str) -> dict:
+    """redis-py's URL parsing, minus its silence about a bad database number
+    (it falls back to db 0, which would mount the wrong volume)."""
+    from urllib.parse import parse_qs, urlsplit
+    u = urlsplit(url)
+    for db in [u.path.strip("/")] if u.scheme != "unix" else []:
+        if db and not db.isdigit():
+            raise ValueError(f"invalid Redis URL: database {db!r} is not a number (example: redis://host:6379/1)")
+    for db in parse_qs(u.query).get("db", []):
+        if not db.isdigit():
+            raise ValueError(f"invalid Redis URL: database {db!r} is not a number (example: redis://host:6379/1)")
+    try:
+        return parse_url(url)
+    except ValueError as e:
+        raise ValueError(f"invalid Redis URL: {e}") from None
+
+
 def describe(url: str) -> str:
     """The URL without its password, for messages."""
-    opts = parse_url(url)
+    opts = _parse(url)
     if opts.get("path"):
         return f"unix:{opts['path']} db {opts.get('db', 0)}"
     return f"{opts.get('host', 'localhost')}:{opts.get('port', 6379)} db {opts.get('db', 0)}"
@@ -69,7 +86,7 @@ class Redis:
     def __init__(self, url: str, max_idle: int = 32, connect_timeout: float = 5.0):
         self.url = url
         self.where = describe(url)
-        opts = parse_url(url)
+        opts = _parse(url)
         self._path = opts.get("path")
         self._host = opts.get("host", "localhost")
         self._port = int(opts.get("port", 6379))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..layout import CHUNK_SIZE, Segment, block_key, resolve, slice_block_keys
+from ..layout import CHUNK_SIZE, MAX_FILE_SIZE, Segment, block_key, resolve, slice_block_keys
 from ..meta.engine import HEARTBEAT, ROOT_INODE, Attr, Meta, Slice
 from ..cache.stats import STATS
 from .writer import FileWriter, WriteBudget
@@ -26,7 +26,11 @@ log = logging.getLogger("jfscache.vfs")
 
 STATS_INODE = 0x7FFF_FFFF_0000_0001  # the virtual .stats file under the root
 STATS_NAME = b".stats"
-CAPABILITY = b"security.capability"
+# POSIX ACLs are not implemented: answering EOPNOTSUPP for them (as a file
+# system mounted without ACL support does) makes cp -a, rsync -A and tar
+# fall back to chmod. Storing them as plain xattrs would "succeed", and those
+# tools would then skip the chmod and leave every copy at its creation mode.
+ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 # open() and getattr() fetch fresh attributes (close-to-open consistency),
 # unless this node read them this recently and has not changed the inode
 # since: the kernel's lookup, open and the application's fstat() of one
@@ -80,8 +84,8 @@ class VFS:
         self.unlinked_open: set[int] = set()
         self._nursery: trio.Nursery | None = None
         self._delete_wakeup = trio.Event()
-        self._no_capability: dict[int, float] = {}  # inode -> until when it is known to have none
         self._fresh: dict[int, tuple] = {}  # inode -> (when, Attr, chunk 0's slices or None)
+        self._no_xattr: dict[int, float] = {}  # inode -> until when it is known to have no xattrs
 
     # ---- lifecycle --------------------------------------------------------
     async def start(self, nursery: trio.Nursery) -> None:
@@ -119,20 +123,29 @@ class VFS:
                 log.warning("deleting unreferenced data failed (will retry): %s", e)
 
     async def _delete_pending(self) -> None:
+        """Delete the data of removed files and truncated chunks, a batch at
+        a time, so a huge file never makes one long Redis call."""
         while True:
-            files, slices = await self.meta.pending_deletes()
-            if not files and not slices:
-                return
+            files = await self.meta.deleted_files()
             for member in files:
-                ino, length = (int(x) for x in member.split(b":"))
-                for s in await self.meta.file_slices(ino, length):
-                    await self._delete_slice(s.id, s.size)
-                await self.meta.forget_file(member, ino, length)
-            if slices:
-                for raw in slices:
-                    s = Slice.unpack(raw)
-                    await self._delete_slice(s.id, s.size)
-                await self.meta.forget_slices(len(slices))
+                ino = int(member.split(b":")[0])
+                while chunks := await self.meta.file_chunks(ino):
+                    for _, slices in chunks:
+                        await self._delete_slices(slices)
+                    await self.meta.forget_chunks(ino, [i for i, _ in chunks])
+                await self.meta.forget_file(member, ino)
+            cut = await self.meta.take_cut_chunks()
+            for _, slices in cut:
+                await self._delete_slices(slices)
+            await self.meta.forget_keys([k for k, _ in cut])
+            slices = await self.meta.take_slices()
+            await self._delete_slices(slices)
+            if not files and not cut and not slices:
+                return
+
+    async def _delete_slices(self, slices: list[Slice]) -> None:
+        for s in slices:
+            await self._delete_slice(s.id, s.size)
 
     async def _delete_slice(self, sid: int, size: int) -> None:
         if sid == 0:
@@ -154,7 +167,13 @@ class VFS:
         the same round trip) were read, for open() and getattr() (see FRESH)."""
         if len(self._fresh) > 100_000:
             self._fresh.clear()
-        self._fresh[a.ino] = (time.monotonic(), a, chunk0)
+            self._no_xattr.clear()
+        now = time.monotonic()
+        self._fresh[a.ino] = (now, a, chunk0)
+        if a.xattr:
+            self._no_xattr.pop(a.ino, None)
+        else:
+            self._no_xattr[a.ino] = now + self.opts.attr_timeout
         return a
 
     def _changed(self, *inos: int) -> None:
@@ -193,6 +212,7 @@ class VFS:
         a = None
         if size is not None:
             a = await self.meta.truncate(ino, size)
+            self._delete_wakeup.set()  # cut chunks (if any) wait in delchunks
             of = self.files.get(ino)
             if of is not None:
                 of.chunks.clear()
@@ -205,7 +225,7 @@ class VFS:
     async def mknod(self, parent: int, name: bytes, typ: str, mode: int, uid: int, gid: int,
                     rdev: int = 0, target: bytes = b"") -> Attr:
         self._changed(parent)
-        return await self.meta.mknod(parent, name, typ, mode, uid, gid, rdev, target)
+        return self._saw(await self.meta.mknod(parent, name, typ, mode, uid, gid, rdev, target))
 
     async def readlink(self, ino: int) -> bytes:
         return await self.meta.readlink(ino)
@@ -280,7 +300,7 @@ class VFS:
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Attr]:
         self._changed(parent)
         try:
-            a = await self.meta.mknod(parent, name, "f", mode, uid, gid)
+            a = self._saw(await self.meta.mknod(parent, name, "f", mode, uid, gid))
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
@@ -312,6 +332,11 @@ class VFS:
         h = self.handles[fh]
         if h.ino == STATS_INODE:
             raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        if off + len(data) > MAX_FILE_SIZE:
+            # As ext4: a write that crosses the limit is cut short, one at it fails.
+            if off >= MAX_FILE_SIZE:
+                raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+            data = memoryview(data)[:MAX_FILE_SIZE - off]
         self._changed(h.ino)
         await self._writer(h.ino).write(off, data)
         STATS.add("fuse_writes")
@@ -499,32 +524,37 @@ class VFS:
     async def statfs(self) -> tuple[int, int, int, int]:
         return await self.meta.statfs()
 
+    def _no_xattrs(self, ino: int) -> bool:
+        """Whether attributes read within the attribute timeout say the inode
+        has no xattrs. ls -l asks for two xattrs per file and the kernel asks
+        for security.capability before every write: the usual answer, "none",
+        then costs no Redis round trip (writes do not change xattrs, so they
+        keep this). Another node's new xattr shows up within the attribute
+        timeout, as its other attribute changes do."""
+        until = self._no_xattr.get(ino)
+        return until is not None and until > time.monotonic()
+
     async def getxattr(self, ino: int, name: bytes) -> bytes:
-        # The kernel asks for security.capability before every write (to
-        # drop capabilities): answer "none" from memory for an attribute
-        # timeout instead of a Redis round trip per write.
-        if name == CAPABILITY:
-            until = self._no_capability.get(ino)
-            if until is not None and until > time.monotonic():
-                raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
-        try:
-            return await self.meta.getxattr(ino, name)
-        except OSError as e:
-            if name == CAPABILITY and e.errno == errno.ENODATA:
-                if len(self._no_capability) > 100_000:
-                    self._no_capability.clear()
-                self._no_capability[ino] = time.monotonic() + self.opts.attr_timeout
-            raise
+        if name in ACL_XATTRS:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        if ino == STATS_INODE or self._no_xattrs(ino):
+            raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+        return await self.meta.getxattr(ino, name)
 
     async def listxattr(self, ino: int) -> list[bytes]:
+        if ino == STATS_INODE or self._no_xattrs(ino):
+            return []
         return await self.meta.listxattr(ino)
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        self._no_capability.pop(ino, None)
+        if name in ACL_XATTRS:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
         self._changed(ino)
+        self._no_xattr.pop(ino, None)
         await self.meta.setxattr(ino, name, value)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
-        self._no_capability.pop(ino, None)
+        if name in ACL_XATTRS:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
         self._changed(ino)
         await self.meta.removexattr(ino, name)
