@@ -28,7 +28,9 @@ def _known_errors():
     from .meta.redisio import RedisError, RedisUnavailable
     from .storage import StorageError
     from .fsutil import Busy
-    return (Failure, NotFormatted, RedisUnavailable, RedisError, StorageError, FileExistsError, ValueError, Busy)
+    from .group.node import GroupError
+    return (Failure, NotFormatted, RedisUnavailable, RedisError, StorageError, FileExistsError, ValueError, Busy,
+            GroupError)
 
 
 def parse_size(text: str, default_unit: str = "") -> int:
@@ -165,11 +167,20 @@ def status(meta_url):
               help="kernel entry cache timeout (s)")
 @click.option("--read-ahead-kb", default=1024, show_default=True, type=click.IntRange(0, 1 << 20),
               help="kernel readahead of the mount (0: leave it)")
+@click.option("--cache-group", help="join this cache group: blocks are shared with its members")
+@click.option("--group-listen", default="0.0.0.0:9750", show_default=True,
+              help="HOST:PORT where this member serves blocks to its peers")
+@click.option("--group-weight", default=1.0, show_default=True, type=click.FloatRange(0),
+              help="this member's share of the group's blocks (0: drain, own nothing new)")
+@click.option("--group-timeout", default=5.0, show_default=True, type=click.FloatRange(1, 3600),
+              help="seconds without a heartbeat before a member leaves the ring")
+@click.option("--no-sharing", is_flag=True, help="read through the cache group but serve and own nothing")
 @click.option("-d", "--background", is_flag=True, help="run in the background")
 @click.option("--log", "log_file", help="log file (default for -d: <cache dir>/jfscache.log)")
 @click.option("--debug", is_flag=True, help="debug logging")
 def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer_size, max_uploads, prefetch,
-          attr_timeout, entry_timeout, read_ahead_kb, background, log_file, debug):
+          attr_timeout, entry_timeout, read_ahead_kb, cache_group, group_listen, group_weight, group_timeout,
+          no_sharing, background, log_file, debug):
     """Mount a volume. Without META_URL, mount the embedded default volume
     (a private redis-server and a local block directory under ~/.local/state/jfscache)."""
     if len(args) > 2:
@@ -195,6 +206,7 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
     _setup_logging(debug, log_file)
 
     from .daemon import MountConfig, run_mount
+    from .group.node import GroupOptions
     from .vfs.vfs import Options
 
     opts = Options(attr_timeout=attr_timeout, entry_timeout=entry_timeout, max_uploads=max_uploads,
@@ -202,6 +214,15 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
     cfg = MountConfig(meta_url=meta_url, mountpoint=mountpoint, cache_dirs=list(cache_dirs),
                       cache_size=parse_size(cache_size, "M"), free_space_ratio=free_space_ratio,
                       mem_cache_size=parse_size(mem_cache_size, "M"), read_ahead_kb=read_ahead_kb, opts=opts)
+    if cache_group:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cache_group):
+            raise Failure(f"invalid --cache-group {cache_group!r}: use letters, digits, '.', '_' and '-'")
+        host, _, port = group_listen.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise Failure(f"--group-listen must be HOST:PORT, not {group_listen!r}")
+        cfg.group = GroupOptions(name=cache_group, listen=group_listen, weight=group_weight,
+                                 sharing=not no_sharing, heartbeat=min(1.0, group_timeout / 3),
+                                 timeout=group_timeout)
     redis_proc = None
     try:
         if meta_url is None:
@@ -275,6 +296,54 @@ def umount(mountpoint, force):
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise Failure((r.stderr.strip().splitlines() or [f"unmounting {mountpoint} failed"])[-1])
+
+
+# ---- group ------------------------------------------------------------------
+@cli.group()
+def group():
+    """Cache groups: nodes that share one block cache."""
+
+
+@group.command("status")
+@click.argument("meta_url")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def group_status(meta_url, name, as_json):
+    """List the members of a volume's cache groups (or of group NAME):
+    address, weight, cached bytes, hit rate, requests served, last heartbeat.
+
+    Example: jfscache group status redis://meta:6379/1 research"""
+    from .group.membership import list_groups, list_members
+    from .meta.engine import Meta
+    from .storage import run_with_loop
+
+    async def run():
+        meta = Meta(meta_url)
+        try:
+            await meta.load()
+            names = [name] if name else await list_groups(meta.r)
+            return {g: await list_members(meta.r, g) for g in names}
+        finally:
+            await meta.aclose()
+
+    groups = run_with_loop(run)
+    now = time.time()
+    if as_json:
+        click.echo(json.dumps({g: [dict(m.info, id=m.id, heartbeat_age=round(now - m.heartbeat, 1))
+                                   for m in ms] for g, ms in groups.items()}, indent=2))
+        return
+    if not any(groups.values()):
+        raise Failure(f"no cache group members{' in group ' + name if name else ''} on {_redacted(meta_url)}")
+    for g, ms in groups.items():
+        click.echo(f"group {g}: {sum(1 for m in ms if m.sharing)} sharing members, "
+                   f"{sum(1 for m in ms if not m.sharing)} clients")
+        click.echo(f"  {'member':<24} {'weight':>6} {'cached':>10} {'hit rate':>8} {'served':>8} {'heartbeat':>10}")
+        for m in ms:
+            i = m.info
+            looked = i.get("hits", 0) + i.get("misses", 0)
+            rate = f"{100 * i.get('hits', 0) / looked:.0f}%" if looked else "-"
+            click.echo(f"  {m.id:<24} {m.weight:>6g} {i.get('cache_bytes', 0) / 2**20:>8.1f}Mi {rate:>8} "
+                       f"{i.get('served', 0):>8} {now - m.heartbeat:>8.1f}s ago")
 
 
 # ---- stats ------------------------------------------------------------------

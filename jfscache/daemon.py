@@ -14,6 +14,7 @@ import trio_asyncio
 from .cache.blocks import BlockCache
 from .cache.disk import DiskCache
 from .fuse.ops import Operations
+from .group.node import GroupOptions, open_group
 from .meta.engine import Meta
 from .storage import create_storage
 from .vfs.vfs import VFS, Options
@@ -32,6 +33,7 @@ class MountConfig:
     read_ahead_kb: int = 1024
     opts: Options = None
     allow_other: bool | None = None  # None: when running as root
+    group: GroupOptions | None = None  # member of a cache group
 
 
 def open_storage(settings: dict):
@@ -71,6 +73,11 @@ async def _serve(cfg: MountConfig) -> None:
             await disk.open(f"pid {os.getpid()} (mount at {cfg.mountpoint})")
             stack.callback(disk.close)
         cache = BlockCache(storage, cfg.mem_cache_size, disk=disk, max_prefetch=max(1, cfg.opts.prefetch))
+        if cfg.group is not None:
+            group = await stack.enter_async_context(
+                open_group(meta.r, settings["group_secret"], cfg.group, cache, cache.from_storage))
+            cache.remote = group.fetch
+            log.info("member %s of cache group %s (%d members)", group.id, cfg.group.name, len(group.ring))
         vfs = VFS(meta, cache, cfg.opts)
         options = set(pyfuse3.default_options)
         options |= {f"fsname=jfscache:{settings['name']}", "subtype=jfscache"}

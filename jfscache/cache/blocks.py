@@ -32,9 +32,10 @@ class BlockCache:
         self.storage = storage
         self.mem = MemoryCache(mem_bytes)
         self.disk = disk
-        # Where a miss goes after the local tiers. The cache group (later)
-        # replaces this with "ask the owner, fall back to the store".
-        self.remote: Callable[[str], Awaitable[bytes]] = self._from_storage
+        # Where a miss goes after the local tiers: (bytes, keep on disk).
+        # A cache group replaces it with "ask the owner, fall back to the
+        # store"; a block this node does not own stays in memory only.
+        self.remote: Callable[[str], Awaitable[tuple[bytes, bool]]] = self._from_storage_owned
         self._inflight: dict[str, _Flight] = {}
         self._queued: set[str] = set()  # prefetches waiting for the limiter
         self._prefetch_limit = trio.CapacityLimiter(max_prefetch)
@@ -43,13 +44,38 @@ class BlockCache:
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
 
-    async def _from_storage(self, key: str) -> bytes:
+    async def from_storage(self, key: str) -> bytes:
         t = time.perf_counter()
         data = await self.storage.get(key)
         STATS.observe_get(len(data), time.perf_counter() - t)
         return data
 
-    async def get(self, key: str) -> bytes:
+    async def _from_storage_owned(self, key: str) -> tuple[bytes, bool]:
+        return await self.from_storage(key), True
+
+    # ---- what a cache group's peers are served from ------------------------
+    async def local(self, key: str) -> bytes | None:
+        """The block from this node's own tiers, or None; never fetches."""
+        data = self.mem.get(key)
+        if data is None and self.disk is not None:
+            data = await self.disk.get(key)
+        return data
+
+    def contains(self, key: str) -> bool:
+        return key in self.mem or (self.disk is not None and self.disk.has(key))
+
+    def evict(self, key: str) -> None:
+        """Forget a block locally (it stays in the object store)."""
+        self.mem.drop(key)
+        if self.disk is not None:
+            self.disk.drop(key)
+
+    def cached_bytes(self) -> int:
+        return self.mem.used + (self.disk.used if self.disk is not None else 0)
+
+    async def get(self, key: str, fetch: Callable[[str], Awaitable[bytes]] | None = None) -> bytes:
+        """The whole block. `fetch` replaces the remote tiers for this miss
+        (an owner serving a peer fetches from the store, never from peers)."""
         data = self.mem.get(key)
         if data is not None:
             STATS.hit("mem", len(data))
@@ -60,10 +86,10 @@ class BlockCache:
             if flight.data is not None:
                 return flight.data
             # The shared fetch failed or was cancelled: try on our own.
-            return await self.get(key)
+            return await self.get(key, fetch)
         flight = self._inflight[key] = _Flight()
         try:
-            flight.data = await self._load(key)
+            flight.data = await self._load(key, fetch)
             return flight.data
         finally:
             del self._inflight[key]
@@ -85,7 +111,7 @@ class BlockCache:
             STATS.hit("mem", length)
         return memoryview(data)[off:off + length]
 
-    async def _load(self, key: str) -> bytes:
+    async def _load(self, key: str, fetch) -> bytes:
         if self.disk is not None:
             data = await self.disk.get(key)
             if data is not None:
@@ -93,9 +119,12 @@ class BlockCache:
                 self.mem.put(key, data)
                 return data
         STATS.miss()
-        data = await self.remote(key)
+        if fetch is not None:
+            data, keep = await fetch(key), True
+        else:
+            data, keep = await self.remote(key)
         self.mem.put(key, data)
-        if self.disk is not None:
+        if keep and self.disk is not None:
             self.disk.add(key, data)
         return data
 

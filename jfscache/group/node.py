@@ -1,0 +1,209 @@
+"""This node's part in a cache group: membership, placement, and where a
+block that the local tiers miss comes from.
+
+A miss goes to the block's owner (weighted rendezvous over the live members,
+ring.py), which fetches it from the object store once for the whole group and
+keeps it in its own tiers; the requester keeps it in memory only, so the
+group's disk space holds one copy of each block. A block this node owns comes
+from the owner before the last membership change if that differs (a scale-up
+does not refetch from S3 what the group already holds), else from the store.
+Any peer failure falls back to the store: a read never fails because of a
+peer, and bytes from a peer are checksummed (peer.py).
+
+The block cache reaches all this through one callable, `fetch(key) ->
+(bytes, keep on disk)`, and the peer server reaches the block cache through
+the small BlockSource interface: cache/ never imports group/.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable
+
+import trio
+
+from ..cache.stats import STATS
+from .membership import Member, Membership
+from .peer import PeerClient, PeerError, open_peer_server
+from .ring import Ring
+
+log = logging.getLogger(__name__)
+
+
+class GroupError(Exception):
+    """A cache group cannot be joined (one line, for the CLI)."""
+
+
+@dataclass
+class GroupOptions:
+    name: str
+    listen: str = ""  # "host:port" to serve peers on; "" with sharing=False
+    weight: float = 1.0
+    sharing: bool = True
+    heartbeat: float = 1.0  # seconds between heartbeats (and ring refreshes)
+    timeout: float = 5.0  # a member silent this long leaves the ring
+    peer_timeout: float = 5.0  # deadline of one peer request
+    backoff: float = 10.0  # a failed peer is skipped this long
+
+
+class _Source:
+    """What peers are served from: this node's tiers, and for a fill the
+    fetch of an owner (never forwarded to another peer, so two nodes whose
+    rings briefly disagree cannot bounce a request between them)."""
+
+    def __init__(self, node: "GroupNode"):
+        self.node = node
+
+    async def local(self, key: str) -> bytes | None:
+        return await self.node.cache.local(key)
+
+    async def fill(self, key: str) -> bytes:
+        return await self.node.cache.get(key, fetch=self.node.fetch_as_owner)
+
+    def contains(self, key: str) -> bool:
+        return self.node.cache.contains(key)
+
+    def evict(self, key: str) -> None:
+        self.node.cache.evict(key)
+
+
+class GroupNode:
+    def __init__(self, redis, secret: str, opts: GroupOptions, cache,
+                 from_store: Callable[[str], Awaitable[bytes]]):
+        self.opts = opts
+        self.cache = cache
+        self.from_store = from_store
+        self.client = PeerClient(secret.encode(), timeout=opts.peer_timeout, backoff=opts.backoff)
+        self._redis = redis
+        self._secret = secret.encode()
+        self.membership: Membership | None = None
+        self.ring = Ring({})
+        self.prev_ring: Ring | None = None
+        self.members: list[Member] = []
+        self.id = ""
+        self._warned: dict[str, float] = {}
+
+    # ---- placement --------------------------------------------------------
+    def owner(self, key: str) -> str | None:
+        return self.ring.owner(key)
+
+    async def fetch(self, key: str) -> tuple[bytes, bool]:
+        """A block the local tiers missed: (bytes, whether to keep it on disk)."""
+        owner = self.ring.owner(key)
+        if owner is None or owner == self.id:
+            return await self.fetch_as_owner(key), True
+        if self.client.available(owner):
+            try:
+                data = await self.client.get(owner, key, fill=True)
+                STATS.add("group_hits")
+                STATS.add("group_hit_bytes", len(data))
+                return data, False
+            except PeerError as e:
+                self._peer_failed(owner, e)
+        STATS.add("group_fallbacks")
+        return await self.from_store(key), False
+
+    async def fetch_as_owner(self, key: str) -> bytes:
+        """This node owns the block: from the previous owner if it still
+        holds it, else from the object store."""
+        prev = self.prev_ring.owner(key) if self.prev_ring is not None else None
+        if prev is not None and prev != self.id and self.client.available(prev):
+            try:
+                data = await self.client.get(prev, key, fill=False)
+                if data is not None:
+                    STATS.add("group_handover_hits")
+                    return data
+            except PeerError as e:
+                self._peer_failed(prev, e)
+        return await self.from_store(key)
+
+    def _peer_failed(self, addr: str, e: PeerError) -> None:
+        STATS.add("group_errors")
+        # One line per peer per back-off period, not one per block.
+        now = time.monotonic()
+        if self._warned.get(addr, 0) < now:
+            self._warned[addr] = now + self.opts.backoff
+            log.warning("cache group peer %s failed (%s); reading from the object store instead", addr, e)
+
+    # ---- membership -------------------------------------------------------
+    def _update(self, members: list[Member]) -> None:
+        self.members = members
+        ring = Ring({m.id: m.weight for m in members if m.sharing})
+        STATS.c["group_members"] = len(ring)
+        if ring != self.ring:
+            joined = set(ring.members) - set(self.ring.members)
+            left = set(self.ring.members) - set(ring.members)
+            if joined or left or self.ring.members:
+                log.info("cache group %s: %d members (joined %s, left %s)", self.opts.name, len(ring),
+                         sorted(joined) or "-", sorted(left) or "-")
+            self.prev_ring, self.ring = self.ring if len(self.ring) else None, ring
+
+    def _info(self) -> dict:
+        c = STATS.c
+        return {"cache_bytes": self.cache.cached_bytes(), "hits": int(c.get("mem_hits", 0) + c.get("disk_hits", 0)),
+                "misses": int(c.get("misses", 0)), "served": int(c.get("peer_served_requests", 0)),
+                "served_bytes": int(c.get("peer_served_bytes", 0)), "sharing": self.opts.sharing}
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await trio.sleep(self.opts.heartbeat)
+            try:
+                self._update(await self.membership.beat(self._info()))
+            except Exception as e:  # keep the last ring; Redis may be back at the next beat
+                log.warning("cache group heartbeat failed: %s", e)
+
+
+def _split(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--group-listen must be HOST:PORT, not {listen!r}")
+    return host, int(port)
+
+
+@asynccontextmanager
+async def open_group(redis, secret: str, opts: GroupOptions, cache,
+                     from_store: Callable[[str], Awaitable[bytes]]) -> AsyncIterator[GroupNode]:
+    """Join the group (serving peers if sharing), keep the ring fresh, and
+    leave it on exit."""
+    node = GroupNode(redis, secret, opts, cache, from_store)
+    async with trio.open_nursery() as nursery:
+        address = ""
+        if opts.sharing:
+            host, port = _split(opts.listen)
+            server = await nursery.start(_serve, host, port, node)
+            if host in ("0.0.0.0", "::", "*"):
+                # Listening everywhere: peers reach us at this host's address.
+                host = socket.gethostbyname(socket.gethostname())
+            address = f"{host}:{server.port}"
+        node.membership = Membership(redis, opts.name, address, opts.weight, opts.timeout)
+        node.id = node.membership.id
+        node._update(await node.membership.beat(node._info()))
+        node.prev_ring = None
+        nursery.start_soon(node._heartbeat_loop)
+        try:
+            yield node
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(5):
+                    try:
+                        await node.membership.leave()
+                    except Exception as e:
+                        log.warning("leaving cache group %s failed: %s", opts.name, e)
+                await node.client.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def _serve(host: str, port: int, node: GroupNode, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    try:
+        server_cm = open_peer_server(host, port, node._secret, _Source(node), stats=STATS)
+        server = await server_cm.__aenter__()
+    except OSError as e:
+        raise GroupError(f"cannot serve cache group peers on {host}:{port}: {e.strerror or e}") from None
+    try:
+        task_status.started(server)
+        await trio.sleep_forever()
+    finally:
+        await server_cm.__aexit__(None, None, None)

@@ -1,0 +1,149 @@
+"""Cache groups through real mounts: several daemons of one S3 volume on
+loopback, each with its own cache dir and peer port. Blocks come from their
+owner, S3 serves each block once for the whole group, a dead or drained
+member costs no failed read, and peers must know the group secret."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+
+import pytest
+import trio
+
+from helpers import MiB, assert_ok, free_port, run_cli, wait_for
+from jfscache.group.peer import PeerClient, PeerError
+
+pytestmark = pytest.mark.usefixtures("_no_plain_dir")
+
+
+@pytest.fixture
+def _no_plain_dir():
+    if os.environ.get("JFSCACHE_TEST_DIR"):
+        pytest.skip("group tests need their own mounts (JFSCACHE_TEST_DIR is set)")
+
+
+def stats(m) -> dict:
+    with open(m.path / ".stats") as f:
+        return json.load(f)
+
+
+def total(mounts, name: str) -> int:
+    return sum(stats(m).get(name, 0) for m in mounts)
+
+
+def member(mount_volume, vol, *extra, group="g", port=None):
+    port = port or free_port()
+    m = mount_volume(vol, None, "--cache-group", group, "--group-listen", f"127.0.0.1:{port}",
+                     "--group-timeout", "2", *extra)
+    m.port = port
+    return m
+
+
+def wait_members(m, n: int) -> None:
+    wait_for(lambda: stats(m).get("group_members") == n, timeout=15, what=f"{m.path} to see {n} members")
+
+
+def read_all(paths) -> dict:
+    """Read files in parallel threads, as a DataLoader's workers would."""
+    out = {}
+
+    def read(p):
+        out[p] = p.read_bytes()
+    threads = [threading.Thread(target=read, args=(p,)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_s3_serves_each_block_once(make_volume, mount_volume):
+    vol = make_volume("s3")
+    nodes = [member(mount_volume, vol) for _ in range(3)]
+    for m in nodes:
+        wait_members(m, 3)
+    files = {f"f{i}": os.urandom(9 * MiB + i) for i in range(4)}   # 3 blocks each: 12 blocks
+    for name, data in files.items():
+        (nodes[0].path / name).write_bytes(data)
+    for m in nodes:
+        m.remount(clear_cache=True)   # empty caches everywhere: every block must come from S3
+    for m in nodes:
+        wait_members(m, 3)
+    for m in nodes[1:]:   # two nodes read everything, at once
+        got = read_all([m.path / n for n in files])
+        assert {p.name: d for p, d in got.items()} == files
+    assert total(nodes, "store_gets") == 12, [stats(m) for m in nodes]
+    assert total(nodes, "group_hits") > 0 and total(nodes, "peer_served_requests") > 0
+    assert total(nodes, "group_errors") == 0
+
+
+def test_dead_peer_falls_back_to_s3(make_volume, mount_volume):
+    vol = make_volume("s3")
+    a, b = member(mount_volume, vol), member(mount_volume, vol)
+    wait_members(b, 2)
+    data = os.urandom(20 * MiB)
+    (a.path / "f").write_bytes(data)
+    b.remount(clear_cache=True)
+    wait_members(b, 2)
+    a.kill()   # SIGKILL: still in b's ring until its heartbeat times out
+    assert (b.path / "f").read_bytes() == data   # a's blocks came from S3 instead
+    s = stats(b)
+    # (unless a already left b's ring: then there was nobody to ask)
+    assert s.get("group_fallbacks", 0) > 0 or s.get("group_members") == 1, s
+    wait_members(b, 1)   # and a leaves the ring within the timeout
+
+
+def test_client_and_drained_members_own_nothing(make_volume, mount_volume):
+    vol = make_volume("s3")
+    owner = member(mount_volume, vol)
+    drained = member(mount_volume, vol, "--group-weight", "0")
+    client = mount_volume(vol, None, "--cache-group", "g", "--no-sharing")
+    wait_members(client, 2)
+    data = os.urandom(13 * MiB)
+    (owner.path / "f").write_bytes(data)
+    owner.remount(clear_cache=True)
+    wait_members(client, 2)
+    for m in (client, drained):
+        assert (m.path / "f").read_bytes() == data
+        s = stats(m)
+        assert s.get("store_gets", 0) == 0 and s.get("group_hits", 0) == 4, s
+    assert stats(owner).get("store_gets") == 4   # the owner fetched each block once
+    r = run_cli("group", "status", vol.meta_url, "g", "--json", env=vol.env)
+    members = json.loads(assert_ok(r).stdout)["g"]
+    assert sorted((m["weight"], bool(m["address"])) for m in members) == [(0, False), (0, True), (1, True)]
+    r = assert_ok(run_cli("group", "status", vol.meta_url, env=vol.env))
+    assert "2 sharing members, 1 clients" in r.stdout and f"127.0.0.1:{owner.port}" in r.stdout
+
+
+def test_peers_must_know_the_group_secret(make_volume, mount_volume, redis_server):
+    vol = make_volume("s3")
+    m = member(mount_volume, vol)
+    (m.path / "f").write_bytes(os.urandom(MiB))
+    db = int(vol.meta_url.rsplit("/", 1)[1])
+    secret = json.loads(redis_server.client(db).get("setting"))["group_secret"]
+    addr = f"127.0.0.1:{m.port}"
+
+    async def ask(sec: str):
+        client = PeerClient(sec.encode(), timeout=5)
+        try:
+            return await client.check(addr, ["no/such/key"])
+        finally:
+            await client.aclose()
+
+    assert trio.run(ask, secret) == [False]   # the right secret is served
+    with pytest.raises(PeerError):
+        trio.run(ask, "not-the-secret-" + secret)
+    with socket.create_connection(("127.0.0.1", m.port), timeout=5) as s:   # garbage is dropped
+        s.recv(64)
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n" * 100)
+        s.settimeout(15)
+        try:
+            rest = s.recv(4096)
+            while rest:
+                rest = s.recv(4096)
+        except ConnectionResetError:
+            pass
+    assert stats(m).get("peer_served_auth_failures", 0) >= 2
+    assert (m.path / "f").stat().st_size == MiB   # the member is still serving
