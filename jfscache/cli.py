@@ -298,6 +298,114 @@ def umount(mountpoint, force):
         raise Failure((r.stderr.strip().splitlines() or [f"unmounting {mountpoint} failed"])[-1])
 
 
+# ---- warmup -----------------------------------------------------------------
+def _mount_root(path: str) -> str:
+    p = os.path.abspath(path)
+    while not os.path.ismount(p):
+        p = os.path.dirname(p)
+    return p
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--threads", default=50, show_default=True, type=click.IntRange(1, 1024),
+              help="blocks warmed at once")
+@click.option("--check", "mode", flag_value="check", help="report what fraction is cached, warm nothing")
+@click.option("--evict", "mode", flag_value="evict", help="drop the blocks from the cache (group)")
+@click.option("--background", is_flag=True, help="start it and return; the mount carries on")
+@click.option("--json", "as_json", is_flag=True, help="print the final report as JSON")
+def warmup(paths, threads, mode, background, as_json):
+    """Fill the cache (the whole cache group, from any member) with the
+    blocks of PATHS, files or directories, before a job reads them. S3
+    serves each block once: each goes to its owner in the group.
+
+    Example: jfscache warmup /mnt/research/market/2024 --threads 64"""
+    mode = mode or "warm"
+    roots = {_mount_root(p) for p in paths}
+    if len(roots) != 1:
+        raise Failure("all PATHS must be on one jfscache mount")
+    root = roots.pop()
+    control = os.path.join(root, ".control")
+    if not os.path.exists(control):
+        raise Failure(f"{root} is not a jfscache mount (no {control})")
+    targets = [[p, os.stat(p).st_ino] for p in paths]
+    req = {"op": "warmup", "mode": mode, "targets": targets, "threads": threads, "background": background}
+    try:
+        fd = os.open(control, os.O_RDWR)
+    except OSError as e:
+        raise Failure(f"cannot open {control}: {e.strerror}")
+    try:
+        os.write(fd, (json.dumps(req) + "\n").encode())
+        report = _follow(fd, background, as_json)
+    finally:
+        os.close(fd)
+    if background:
+        click.echo(f"warmup ({mode}) of {len(paths)} path(s) started in the background; "
+                   f"check it with: jfscache warmup --check {' '.join(paths)}")
+        return
+    if report.get("error"):
+        raise Failure(f"warmup failed: {report['error']}")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_warmup(report)
+    if report.get("errors"):
+        sys.exit(1)
+
+
+def _follow(fd: int, background: bool, quiet: bool) -> dict:
+    """Read the control file's JSON lines, drawing a progress bar, until the final report."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    buf = b""
+    last: dict = {}
+    bar = None
+    show = not quiet and sys.stderr.isatty()
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                        TimeRemainingColumn(), transient=True, disable=not show)
+    pos = 0  # the output has offsets of its own: the request's write moved the fd's
+    with progress:
+        while True:
+            chunk = os.pread(fd, 1 << 16, pos)
+            if not chunk:
+                return last
+            pos += len(chunk)
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                msg = json.loads(line)
+                if msg.get("error") and "mode" not in msg:
+                    raise Failure(msg["error"])
+                if msg.get("accepted"):
+                    if background:
+                        return msg
+                    continue
+                last = msg
+                if msg.get("expanded"):
+                    if bar is None:
+                        bar = progress.add_task(f"{msg['mode']} {msg['files']} files, {msg['blocks']} blocks",
+                                                total=msg["bytes"])
+                    progress.update(bar, completed=msg["done_bytes"])
+
+
+def _print_warmup(r: dict) -> None:
+    mib = r["bytes"] / 2**20
+    if r["mode"] == "check":
+        click.echo(f"{r['files']} files, {r['blocks']} blocks ({mib:.1f} MiB): "
+                   f"{100 * r['cached_ratio']:.1f}% cached")
+        for path, p in r.get("per_path", {}).items():
+            click.echo(f"  {path}: {p['cached']}/{p['blocks']} blocks ({100 * p['cached_ratio']:.1f}%)")
+        for m, p in r.get("per_member", {}).items():
+            click.echo(f"  member {m}: {p['cached']}/{p['blocks']} blocks")
+    elif r["mode"] == "evict":
+        click.echo(f"{r['files']} files, {r['blocks']} blocks ({mib:.1f} MiB): {r['cached_blocks']} evicted "
+                   f"in {r['seconds']:.1f} s")
+    else:
+        click.echo(f"{r['files']} files, {r['blocks']} blocks ({mib:.1f} MiB) in {r['seconds']:.1f} s "
+                   f"({r['mb_per_s']:.1f} MB/s); {r['cached_blocks']} were cached already, "
+                   f"{r['errors']} errors")
+
+
 # ---- group ------------------------------------------------------------------
 @cli.group()
 def group():

@@ -11,7 +11,7 @@ import pyfuse3
 import trio
 import trio_asyncio
 
-from .cache.blocks import BlockCache
+from .cache.blocks import BlockCache, LocalWarmer
 from .cache.disk import DiskCache
 from .fuse.ops import Operations
 from .group.node import GroupOptions, open_group
@@ -73,12 +73,14 @@ async def _serve(cfg: MountConfig) -> None:
             await disk.open(f"pid {os.getpid()} (mount at {cfg.mountpoint})")
             stack.callback(disk.close)
         cache = BlockCache(storage, cfg.mem_cache_size, disk=disk, max_prefetch=max(1, cfg.opts.prefetch))
+        warmer = LocalWarmer(cache)
         if cfg.group is not None:
             group = await stack.enter_async_context(
                 open_group(meta.r, settings["group_secret"], cfg.group, cache, cache.from_storage))
             cache.remote = group.fetch
+            warmer = group
             log.info("member %s of cache group %s (%d members)", group.id, cfg.group.name, len(group.ring))
-        vfs = VFS(meta, cache, cfg.opts)
+        vfs = VFS(meta, cache, cfg.opts, warmer)
         options = set(pyfuse3.default_options)
         options |= {f"fsname=jfscache:{settings['name']}", "subtype=jfscache"}
         if cfg.allow_other if cfg.allow_other is not None else os.geteuid() == 0:

@@ -33,10 +33,12 @@ def total(mounts, name: str) -> int:
     return sum(stats(m).get(name, 0) for m in mounts)
 
 
-def member(mount_volume, vol, *extra, group="g", port=None):
+def member(mount_volume, vol, *extra, group="g", port=None, timeout=5):
+    """A member on a free loopback port. The heartbeat timeout stays at the
+    default (5 s): shorter ones let a busy CI machine drop members mid-test."""
     port = port or free_port()
     m = mount_volume(vol, None, "--cache-group", group, "--group-listen", f"127.0.0.1:{port}",
-                     "--group-timeout", "2", *extra)
+                     "--group-timeout", str(timeout), *extra)
     m.port = port
     return m
 
@@ -81,7 +83,7 @@ def test_s3_serves_each_block_once(make_volume, mount_volume):
 
 def test_dead_peer_falls_back_to_s3(make_volume, mount_volume):
     vol = make_volume("s3")
-    a, b = member(mount_volume, vol), member(mount_volume, vol)
+    a, b = member(mount_volume, vol, timeout=3), member(mount_volume, vol, timeout=3)
     wait_members(b, 2)
     data = os.urandom(20 * MiB)
     (a.path / "f").write_bytes(data)
@@ -147,3 +149,60 @@ def test_peers_must_know_the_group_secret(make_volume, mount_volume, redis_serve
             pass
     assert stats(m).get("peer_served_auth_failures", 0) >= 2
     assert (m.path / "f").stat().st_size == MiB   # the member is still serving
+
+
+def _check(path, env) -> dict:
+    return json.loads(assert_ok(run_cli("warmup", "--check", "--json", path, env=env)).stdout)
+
+
+def test_warmup_fills_the_group_once(make_volume, mount_volume):
+    """`jfscache warmup` from one member sends each block to its owner: S3
+    serves each block once, and then any member reads with no S3 GET."""
+    vol = make_volume("s3")
+    nodes = [member(mount_volume, vol) for _ in range(3)]
+    d = nodes[0].path / "dataset"
+    (d / "train").mkdir(parents=True)
+    files = {f"train/part{i}": os.urandom(5 * MiB + i * 1000) for i in range(4)}   # 2 blocks each
+    files["small"] = b"tiny" * 100
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    blocks = 4 * 2 + 1
+    for m in nodes:
+        m.remount(clear_cache=True)
+    for m in nodes:
+        wait_members(m, 3)
+    d1 = nodes[1].path / "dataset"
+    before = _check(d1, vol.env)
+    assert (before["files"], before["blocks"], before["cached_blocks"]) == (5, blocks, 0)
+    r = json.loads(assert_ok(run_cli("warmup", "--json", d1, "--threads", "4", env=vol.env)).stdout)
+    assert (r["files"], r["blocks"], r["done_blocks"], r["errors"]) == (5, blocks, blocks, 0)
+    assert r["bytes"] == sum(map(len, files.values()))
+    assert total(nodes, "store_gets") == blocks
+    after = _check(nodes[2].path / "dataset" / "train", vol.env)
+    assert after["cached_ratio"] == 1.0 and len(after["per_member"]) == 3, after
+    c = nodes[2]
+    for name, data in files.items():
+        assert (c.path / "dataset" / name).read_bytes() == data
+    assert total(nodes, "store_gets") == blocks   # the reads took nothing from S3
+    # again: everything is cached already, S3 sees nothing new
+    r = json.loads(assert_ok(run_cli("warmup", "--json", d1, env=vol.env)).stdout)
+    assert r["cached_blocks"] == blocks and total(nodes, "store_gets") == blocks
+    # evict drops it from the group; a background warmup brings it back
+    r = json.loads(assert_ok(run_cli("warmup", "--evict", "--json", d1, env=vol.env)).stdout)
+    assert r["cached_blocks"] == blocks
+    assert _check(d1, vol.env)["cached_blocks"] == 0
+    r = assert_ok(run_cli("warmup", "--background", d1, env=vol.env))
+    assert "background" in r.stdout
+    wait_for(lambda: _check(d1, vol.env)["cached_ratio"] == 1.0, timeout=30, what="the background warmup")
+
+
+def test_warmup_errors(make_volume, mount_volume, tmp_dir):
+    vol = make_volume("file")
+    m = mount_volume(vol)
+    (m.path / "f").write_bytes(b"x")
+    r = run_cli("warmup", tmp_dir)   # not a jfscache mount
+    assert r.returncode != 0 and "not a jfscache mount" in r.stderr
+    r = run_cli("warmup", m.path / "missing")
+    assert r.returncode != 0 and "does not exist" in r.stderr
+    r = assert_ok(run_cli("warmup", m.path / "f"))   # no group: the local cache
+    assert "1 files, 1 blocks" in r.stdout

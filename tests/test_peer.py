@@ -164,7 +164,10 @@ def test_ranges():
                 assert client.available(addr)     # the peer answered: no back-off
                 with pytest.raises(ValueError):
                     await client.get(addr, "b", -1)
-                assert await client.get(addr, "b") == data
+                whole = await client.get(addr, "b")
+                assert whole == data and isinstance(whole, bytes)
+                assert await client.get(addr, "b", 1) == data[1:]   # the receive buffer is reused
+                assert whole == data
             finally:
                 await client.aclose()
             assert server.served.connections == 1

@@ -162,3 +162,26 @@ class BlockCache:
         if self.disk is not None:
             self.disk.drop(key)
         await self.storage.delete(key)
+
+
+class LocalWarmer:
+    """Warmup on a node outside any cache group: blocks go into its own tiers."""
+
+    def __init__(self, cache: BlockCache):
+        self.cache = cache
+
+    async def warm(self, key: str) -> bool:
+        if self.cache.contains(key):
+            return True
+        await self.cache.get(key)
+        return False
+
+    async def check(self, keys: list[str]) -> list[tuple[str, bool]]:
+        return [("local", self.cache.contains(k)) for k in keys]
+
+    async def evict(self, keys: list[str]) -> int:
+        n = 0
+        for k in keys:
+            n += self.cache.contains(k)
+            self.cache.evict(k)
+        return n

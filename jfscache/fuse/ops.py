@@ -130,8 +130,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def open(self, inode, flags, ctx):
-        fh, keep = await self.vfs.open(inode, flags)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+        fh, keep, direct = await self.vfs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=direct)
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):

@@ -128,6 +128,57 @@ class GroupNode:
             self._warned[addr] = now + self.opts.backoff
             log.warning("cache group peer %s failed (%s); reading from the object store instead", addr, e)
 
+    # ---- warmup (vfs/fill.py's Warmer) -------------------------------------
+    async def warm(self, key: str) -> bool:
+        """Make the block's owner hold it; True if it did already."""
+        owner = self.ring.owner(key)
+        if owner is None or owner == self.id:
+            if self.cache.contains(key):
+                return True
+            await self.cache.get(key, fetch=self.fetch_as_owner)
+            return False
+        try:
+            return (await self.client.warm(owner, key))[1]
+        except PeerError as e:
+            self._peer_failed(owner, e)
+            raise
+
+    def _by_owner(self, keys: list[str]) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for i, k in enumerate(keys):
+            out.setdefault(self.ring.owner(k) or self.id, []).append(i)
+        return out
+
+    async def check(self, keys: list[str]) -> list[tuple[str, bool]]:
+        """(owner, whether the owner holds it) per key; an unreachable owner holds nothing."""
+        out: list[tuple[str, bool]] = [("", False)] * len(keys)
+        for owner, idx in self._by_owner(keys).items():
+            if owner == self.id:
+                found = [self.cache.contains(keys[i]) for i in idx]
+            else:
+                try:
+                    found = await self.client.check(owner, [keys[i] for i in idx])
+                except PeerError as e:
+                    self._peer_failed(owner, e)
+                    found = [False] * len(idx)
+            for i, f in zip(idx, found):
+                out[i] = (owner, f)
+        return out
+
+    async def evict(self, keys: list[str]) -> int:
+        """Drop the blocks at their owners, and this node's own copies."""
+        n = 0
+        for owner, idx in self._by_owner(keys).items():
+            if owner != self.id:
+                try:
+                    n += await self.client.evict(owner, [keys[i] for i in idx])
+                except PeerError as e:
+                    self._peer_failed(owner, e)
+        for k in keys:
+            n += self.cache.contains(k) and self.ring.owner(k) in (None, self.id)
+            self.cache.evict(k)
+        return n
+
     # ---- membership -------------------------------------------------------
     def _update(self, members: list[Member]) -> None:
         self.members = members

@@ -331,6 +331,10 @@ class Meta:
         return [Attr.from_fields(i, v) if v[0] is not None else None for i, v in zip(inos, replies)]
 
     # ---- data -------------------------------------------------------------
+    async def chunk_indexes(self, ino: int) -> list[int]:
+        """The indexes of a file's chunks that have slices, ascending."""
+        return [int(i) for i in await self.r.execute("ZRANGE", f"k{ino}", 0, -1)]
+
     async def read_chunk(self, ino: int, indx: int) -> list[Slice]:
         return [Slice.unpack(b) for b in await self.r.execute("LRANGE", f"c{ino}_{indx}", 0, -1)]
 

@@ -20,12 +20,11 @@ import trio
 from ..layout import CHUNK_SIZE, MAX_FILE_SIZE, Segment, block_key, resolve, slice_block_keys
 from ..meta.engine import HEARTBEAT, ROOT_INODE, Attr, Meta, Slice
 from ..cache.stats import STATS
+from .internal import NAMES, Internal
 from .writer import FileWriter, WriteBudget
 
 log = logging.getLogger("jfscache.vfs")
 
-STATS_INODE = 0x7FFF_FFFF_0000_0001  # the virtual .stats file under the root
-STATS_NAME = b".stats"
 # POSIX ACLs are not implemented: answering EOPNOTSUPP for them (as a file
 # system mounted without ACL support does) makes cp -a, rsync -A and tar
 # fall back to chmod. Storing them as plain xattrs would "succeed", and those
@@ -36,6 +35,7 @@ ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 # since: the kernel's lookup, open and the application's fstat() of one
 # open() then cost one round trip instead of three.
 FRESH = 0.1
+INTERNAL = frozenset(NAMES.values())  # inodes of the virtual files
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Handle:
     next_off: int = -1  # where a sequential reader would read next
     seq: int = 0  # consecutive sequential reads, drives readahead depth
     loading: set = field(default_factory=set)  # chunks whose slices readahead is loading
-    stats: bytes | None = None
+    internal: object | None = None  # state of an open virtual file (internal.py)
 
 
 @dataclass
@@ -68,10 +68,12 @@ class _OpenFile:
 
 
 class VFS:
-    def __init__(self, meta: Meta, cache, opts: Options):
+    def __init__(self, meta: Meta, cache, opts: Options, warmer=None):
         self.meta = meta
         self.cache = cache
         self.opts = opts
+        self.warmer = warmer  # where warmup sends blocks (fill.Warmer): the cache group or the local cache
+        self.internal = Internal(self)
         s = meta.settings
         self.volume = s["name"]
         self.bs = int(s.get("block_size", 4 << 20))
@@ -82,14 +84,14 @@ class VFS:
         self.files: dict[int, _OpenFile] = {}  # inodes with open handles (and recently opened)
         self.writers: dict[int, FileWriter] = {}
         self.unlinked_open: set[int] = set()
-        self._nursery: trio.Nursery | None = None
+        self.nursery: trio.Nursery | None = None
         self._delete_wakeup = trio.Event()
         self._fresh: dict[int, tuple] = {}  # inode -> (when, Attr, chunk 0's slices or None)
         self._no_xattr: dict[int, float] = {}  # inode -> until when it is known to have no xattrs
 
     # ---- lifecycle --------------------------------------------------------
     async def start(self, nursery: trio.Nursery) -> None:
-        self._nursery = nursery
+        self.nursery = nursery
         nursery.start_soon(self._heartbeat_loop)
         nursery.start_soon(self._delete_loop)
 
@@ -188,21 +190,18 @@ class VFS:
         return None
 
     async def getattr(self, ino: int) -> Attr:
-        if ino == STATS_INODE:
-            return self._stats_attr()
+        if ino in INTERNAL:
+            return self.internal.attr(ino)
         seen = self._recent(ino)
         if seen is not None:  # e.g. the fstat() that follows an open()
             return self._overlay(seen[1])
         return self._overlay(self._saw(await self.meta.getattr(ino)))
 
     async def lookup(self, parent: int, name: bytes) -> Attr:
-        if parent == ROOT_INODE and name == STATS_NAME:
-            return self._stats_attr()
+        ino = self.internal.lookup(parent, name)
+        if ino is not None:
+            return self.internal.attr(ino)
         return self._overlay(self._saw(*await self.meta.lookup(parent, name)))
-
-    def _stats_attr(self) -> Attr:
-        now = time.time_ns()
-        return Attr(STATS_INODE, "f", 0o444, 0, 0, 0, 1, 1 << 20, now, now, now, ROOT_INODE)
 
     async def setattr(self, ino: int, *, size: int | None = None, **fields) -> Attr:
         # Buffered writes commit with mtime = now: flush them first so that
@@ -269,12 +268,13 @@ class VFS:
         self.handles[fh] = Handle(ino, flags)
         return fh
 
-    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
-        """Returns (handle, whether the kernel may keep its cached pages)."""
-        if ino == STATS_INODE:
+    async def open(self, ino: int, flags: int) -> tuple[int, bool, bool]:
+        """Returns (handle, whether the kernel may keep its cached pages,
+        whether to use direct I/O)."""
+        if ino in INTERNAL:
             fh = self._new_handle(ino, flags)
-            self.handles[fh].stats = STATS.json()
-            return fh, False
+            self.handles[fh].internal = self.internal.open(ino)
+            return fh, False, True
         seen = self._recent(ino)
         if seen is not None:
             _, a, slices = seen
@@ -295,7 +295,7 @@ class VFS:
         if flags & os.O_TRUNC and (length or ino in self.writers):  # libfuse asks for atomic_o_trunc
             await self.setattr(ino, size=0)
             unchanged = False
-        return self._new_handle(ino, flags), unchanged
+        return self._new_handle(ino, flags), unchanged, False
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Attr]:
         self._changed(parent)
@@ -306,7 +306,7 @@ class VFS:
                 raise
             # Lost a race with another creator: open what is there, as open(2) would.
             a = await self.lookup(parent, name)
-            fh, _ = await self.open(a.ino, flags)
+            fh, _, _ = await self.open(a.ino, flags)
             return fh, a
         of = self.files.setdefault(a.ino, _OpenFile())
         of.count += 1
@@ -318,7 +318,7 @@ class VFS:
         if fw is None:
             fw = self.writers[ino] = FileWriter(
                 ino, meta=self.meta, cache=self.cache, volume=self.volume, bs=self.bs, budget=self.budget,
-                upload_limiter=self.upload_limiter, nursery=self._nursery, on_commit=self._committed)
+                upload_limiter=self.upload_limiter, nursery=self.nursery, on_commit=self._committed)
         return fw
 
     def _committed(self, ino: int, indx: int, length: int) -> None:
@@ -330,8 +330,8 @@ class VFS:
 
     async def write(self, fh: int, off: int, data) -> int:
         h = self.handles[fh]
-        if h.ino == STATS_INODE:
-            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        if h.internal is not None:
+            return await self.internal.write(h.ino, h.internal, off, data)
         if off + len(data) > MAX_FILE_SIZE:
             # As ext4: a write that crosses the limit is cut short, one at it fails.
             if off >= MAX_FILE_SIZE:
@@ -363,7 +363,10 @@ class VFS:
 
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
-        if h is None or h.ino == STATS_INODE:
+        if h is None:
+            return
+        if h.internal is not None:
+            self.internal.release(h.internal)
             return
         of = self.files.get(h.ino)
         if of is not None:
@@ -389,8 +392,8 @@ class VFS:
     async def read(self, fh: int, off: int, size: int):
         h = self.handles[fh]
         ino = h.ino
-        if ino == STATS_INODE:
-            return h.stats[off:off + size]
+        if h.internal is not None:
+            return await self.internal.read(ino, h.internal, off, size)
         fw = self.writers.get(ino)
         if fw is not None and fw.dirty:
             await self._flush_ino(ino)
@@ -465,7 +468,7 @@ class VFS:
                 self._prefetch_range(segs, lo, hi)
             elif indx not in h.loading:
                 h.loading.add(indx)
-                self._nursery.start_soon(self._load_ahead, h, of, indx, lo, hi)
+                self.nursery.start_soon(self._load_ahead, h, of, indx, lo, hi)
             pos = base + CHUNK_SIZE
 
     async def _load_ahead(self, h: Handle, of: _OpenFile, indx: int, lo: int, hi: int) -> None:
@@ -537,12 +540,12 @@ class VFS:
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         if name in ACL_XATTRS:
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
-        if ino == STATS_INODE or self._no_xattrs(ino):
+        if ino in INTERNAL or self._no_xattrs(ino):
             raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
         return await self.meta.getxattr(ino, name)
 
     async def listxattr(self, ino: int) -> list[bytes]:
-        if ino == STATS_INODE or self._no_xattrs(ino):
+        if ino in INTERNAL or self._no_xattrs(ino):
             return []
         return await self.meta.listxattr(ino)
 
