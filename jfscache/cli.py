@@ -307,42 +307,36 @@ def _mount_root(path: str) -> str:
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("paths", nargs=-1, required=True)
 @click.option("--threads", default=50, show_default=True, type=click.IntRange(1, 1024),
               help="blocks warmed at once")
 @click.option("--check", "mode", flag_value="check", help="report what fraction is cached, warm nothing")
 @click.option("--evict", "mode", flag_value="evict", help="drop the blocks from the cache (group)")
 @click.option("--background", is_flag=True, help="start it and return; the mount carries on")
 @click.option("--json", "as_json", is_flag=True, help="print the final report as JSON")
-def warmup(paths, threads, mode, background, as_json):
+@click.option("--meta", "meta_url", help="no mount here: PATHS are paths in the volume at this Redis URL")
+@click.option("--cache-group", help="with --meta: the group to fill (default: the volume's only group)")
+def warmup(paths, threads, mode, background, as_json, meta_url, cache_group):
     """Fill the cache (the whole cache group, from any member) with the
     blocks of PATHS, files or directories, before a job reads them. S3
     serves each block once: each goes to its owner in the group.
 
-    Example: jfscache warmup /mnt/research/market/2024 --threads 64"""
+    \b
+    Examples:
+      jfscache warmup /mnt/research/market/2024 --threads 64
+      jfscache warmup --check --json /mnt/research/market      # gate a job on cached_ratio
+      jfscache warmup --meta redis://meta:6379/1 /market/2024  # from a machine with no mount"""
     mode = mode or "warm"
-    roots = {_mount_root(p) for p in paths}
-    if len(roots) != 1:
-        raise Failure("all PATHS must be on one jfscache mount")
-    root = roots.pop()
-    control = os.path.join(root, ".control")
-    if not os.path.exists(control):
-        raise Failure(f"{root} is not a jfscache mount (no {control})")
-    targets = [[p, os.stat(p).st_ino] for p in paths]
-    req = {"op": "warmup", "mode": mode, "targets": targets, "threads": threads, "background": background}
-    try:
-        fd = os.open(control, os.O_RDWR)
-    except OSError as e:
-        raise Failure(f"cannot open {control}: {e.strerror}")
-    try:
-        os.write(fd, (json.dumps(req) + "\n").encode())
-        report = _follow(fd, background, as_json)
-    finally:
-        os.close(fd)
-    if background:
-        click.echo(f"warmup ({mode}) of {len(paths)} path(s) started in the background; "
-                   f"check it with: jfscache warmup --check {' '.join(paths)}")
-        return
+    if meta_url:
+        if background:
+            raise Failure("--background needs a mount (the mount carries the job on)")
+        report = _warmup_without_mount(meta_url, cache_group, paths, mode, threads, as_json)
+    else:
+        report = _warmup_through_mount(paths, mode, threads, background, as_json)
+        if background:
+            click.echo(f"warmup ({mode}) of {len(paths)} path(s) started in the background; "
+                       f"check it with: jfscache warmup --check {' '.join(paths)}")
+            return
     if report.get("error"):
         raise Failure(f"warmup failed: {report['error']}")
     if as_json:
@@ -353,39 +347,129 @@ def warmup(paths, threads, mode, background, as_json):
         sys.exit(1)
 
 
-def _follow(fd: int, background: bool, quiet: bool) -> dict:
-    """Read the control file's JSON lines, drawing a progress bar, until the final report."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+def _warmup_through_mount(paths, mode: str, threads: int, background: bool, quiet: bool) -> dict:
+    for p in paths:
+        if not os.path.exists(p):
+            raise Failure(f"{p} does not exist")
+    roots = {_mount_root(p) for p in paths}
+    if len(roots) != 1:
+        raise Failure("all PATHS must be on one jfscache mount")
+    root = roots.pop()
+    control = os.path.join(root, ".control")
+    if not os.path.exists(control):
+        raise Failure(f"{root} is not a jfscache mount (no {control}); without a mount use --meta META_URL")
+    req = {"op": "warmup", "mode": mode, "targets": [[p, os.stat(p).st_ino] for p in paths],
+           "threads": threads, "background": background}
+    try:
+        fd = os.open(control, os.O_RDWR)
+    except OSError as e:
+        raise Failure(f"cannot open {control}: {e.strerror}")
+    try:
+        os.write(fd, (json.dumps(req) + "\n").encode())
+        with _ProgressView(quiet) as view:
+            buf, pos, last = b"", 0, {}
+            while True:  # the output has offsets of its own: the request's write moved the fd's
+                chunk = os.pread(fd, 1 << 16, pos)
+                if not chunk:
+                    return last
+                pos += len(chunk)
+                *lines, buf = (buf + chunk).split(b"\n")
+                for line in lines:
+                    msg = json.loads(line)
+                    if msg.get("error") and "mode" not in msg:
+                        raise Failure(msg["error"])
+                    if msg.get("accepted"):
+                        if background:
+                            return msg
+                        continue
+                    last = msg
+                    view.update(msg)
+    finally:
+        os.close(fd)
 
-    buf = b""
-    last: dict = {}
-    bar = None
-    show = not quiet and sys.stderr.isatty()
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                        TimeRemainingColumn(), transient=True, disable=not show)
-    pos = 0  # the output has offsets of its own: the request's write moved the fd's
-    with progress:
-        while True:
-            chunk = os.pread(fd, 1 << 16, pos)
-            if not chunk:
-                return last
-            pos += len(chunk)
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                msg = json.loads(line)
-                if msg.get("error") and "mode" not in msg:
-                    raise Failure(msg["error"])
-                if msg.get("accepted"):
-                    if background:
-                        return msg
-                    continue
-                last = msg
-                if msg.get("expanded"):
-                    if bar is None:
-                        bar = progress.add_task(f"{msg['mode']} {msg['files']} files, {msg['blocks']} blocks",
-                                                total=msg["bytes"])
-                    progress.update(bar, completed=msg["done_bytes"])
+
+def _warmup_without_mount(meta_url: str, group: str | None, paths, mode: str, threads: int, quiet: bool) -> dict:
+    """Warm from a machine with no mount: resolve PATHS in the metadata,
+    join the group as a client for the duration (it owns nothing) and send
+    each block to its owner."""
+    from .cache.blocks import BlockCache
+    from .daemon import open_storage
+    from .group.membership import list_groups
+    from .group.node import GroupOptions, open_group
+    from .meta.engine import ROOT_INODE, Meta
+    from .storage import run_with_loop
+    from .vfs import fill
+
+    async def run():
+        meta = Meta(meta_url)
+        try:
+            settings = await meta.load()
+            name = group
+            if name is None:
+                groups = await list_groups(meta.r)
+                if len(groups) != 1:
+                    raise Failure(f"the volume has {len(groups)} cache groups ({', '.join(groups) or 'none'}): "
+                                  "name one with --cache-group")
+                name = groups[0]
+            targets = []
+            for p in paths:
+                ino = ROOT_INODE
+                for part in [x for x in p.split("/") if x]:
+                    try:
+                        ino = (await meta.lookup(ino, part.encode()))[0].ino
+                    except FileNotFoundError:
+                        raise Failure(f"{p} does not exist in volume {settings['name']}") from None
+                targets.append((p, ino))
+            storage = open_storage(settings)
+            try:
+                cache = BlockCache(storage, 0)
+                opts = GroupOptions(name=name, sharing=False)
+                async with open_group(meta.r, settings["group_secret"], opts, cache, cache.from_storage) as node:
+                    if not len(node.ring):
+                        raise Failure(f"cache group {name} has no live members to warm")
+                    progress = fill.Progress(mode)
+                    with _ProgressView(quiet) as view:
+                        async with trio.open_nursery() as n:
+                            n.start_soon(fill.run, meta, node, settings["name"],
+                                         int(settings.get("block_size", 4 << 20)), targets, mode, threads, progress)
+                            while not progress.finished:
+                                view.update(progress.report())
+                                await trio.sleep(0.5)
+                    return progress.report()
+            finally:
+                await storage.close()
+        finally:
+            await meta.aclose()
+
+    import trio
+    return run_with_loop(run)
+
+
+class _ProgressView:
+    """A live progress bar (rich) of warmup reports, on a terminal only."""
+
+    def __init__(self, quiet: bool):
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
+                                 disable=quiet or not sys.stderr.isatty())
+        self.bar = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def update(self, msg: dict) -> None:
+        if not msg.get("expanded"):
+            return
+        if self.bar is None:
+            self.bar = self.progress.add_task(f"{msg['mode']} {msg['files']} files, {msg['blocks']} blocks",
+                                              total=msg["bytes"])
+        self.progress.update(self.bar, completed=msg["done_bytes"])
 
 
 def _print_warmup(r: dict) -> None:

@@ -477,13 +477,14 @@ class SeaweedS3:
         last = ""
         for _ in range(3):
             t0 = time.monotonic()
-            self.ports = {k: free_port((0, 10000)) for k in ("master", "volume", "filer", "s3")}
+            self.ports = {k: free_port((0, 10000)) for k in ("master", "volume", "filer", "s3", "metrics")}
             cmd = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                    f"-master.port={self.ports['master']}",
                    f"-volume.port={self.ports['volume']}",
                    f"-filer.port={self.ports['filer']}",
                    "-s3", f"-s3.port={self.ports['s3']}", f"-s3.config={cfg}",
                    "-volume.max=200", "-master.volumeSizeLimitMB=256",
+                   f"-metricsPort={self.ports['metrics']}",   # S3-side request counts for tests
                    # no network here; the defaults would phone home and
                    # listen on fixed ports 8181 and 9101
                    "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
@@ -504,6 +505,17 @@ class SeaweedS3:
             if "address already in use" not in last.lower():
                 break
         raise RuntimeError(f"SeaweedFS did not start: {last}")
+
+    def requests(self, bucket: str, kind: str = "GET") -> int:
+        """Requests of one kind that the S3 gateway answered for a bucket,
+        from its own metrics: what the store really served, whatever the
+        daemons' counters say."""
+        import urllib.request
+        url = f"http://127.0.0.1:{self.ports['metrics']}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+                   if line.startswith("SeaweedFS_s3_request_total{") and f'bucket="{bucket}"' in line
+                   and f'type="{kind}"' in line)
 
     def client(self, access_key: str | None = None, secret_key: str | None = None):
         import boto3

@@ -155,45 +155,145 @@ def _check(path, env) -> dict:
     return json.loads(assert_ok(run_cli("warmup", "--check", "--json", path, env=env)).stdout)
 
 
-def test_warmup_fills_the_group_once(make_volume, mount_volume):
-    """`jfscache warmup` from one member sends each block to its owner: S3
-    serves each block once, and then any member reads with no S3 GET."""
-    vol = make_volume("s3")
-    nodes = [member(mount_volume, vol) for _ in range(3)]
-    d = nodes[0].path / "dataset"
+def _dataset(root) -> dict:
+    d = root / "dataset"
     (d / "train").mkdir(parents=True)
     files = {f"train/part{i}": os.urandom(5 * MiB + i * 1000) for i in range(4)}   # 2 blocks each
     files["small"] = b"tiny" * 100
     for name, data in files.items():
         (d / name).write_bytes(data)
+    return files
+
+
+def test_warmup_fills_the_group_once(make_volume, mount_volume, s3_server):
+    """Three members and a --no-sharing client: `jfscache warmup` from one
+    node sends each block to its owner, so S3 serves each block once (counted
+    by the S3 server itself), and then every node reads the whole data set
+    with no S3 GET at all."""
+    vol = make_volume("s3")
+    nodes = [member(mount_volume, vol) for _ in range(3)]
+    files = _dataset(nodes[0].path)
     blocks = 4 * 2 + 1
     for m in nodes:
         m.remount(clear_cache=True)
+    nodes.append(mount_volume(vol, None, "--cache-group", "g", "--no-sharing"))
     for m in nodes:
         wait_members(m, 3)
+    gets = lambda: s3_server.requests(vol.bucket, "GET")   # noqa: E731
     d1 = nodes[1].path / "dataset"
     before = _check(d1, vol.env)
     assert (before["files"], before["blocks"], before["cached_blocks"]) == (5, blocks, 0)
+    g0 = gets()
     r = json.loads(assert_ok(run_cli("warmup", "--json", d1, "--threads", "4", env=vol.env)).stdout)
     assert (r["files"], r["blocks"], r["done_blocks"], r["errors"]) == (5, blocks, blocks, 0)
     assert r["bytes"] == sum(map(len, files.values()))
-    assert total(nodes, "store_gets") == blocks
-    after = _check(nodes[2].path / "dataset" / "train", vol.env)
+    assert gets() - g0 == blocks   # each block once, group-wide
+    after = _check(nodes[3].path / "dataset" / "train", vol.env)
     assert after["cached_ratio"] == 1.0 and len(after["per_member"]) == 3, after
-    c = nodes[2]
-    for name, data in files.items():
-        assert (c.path / "dataset" / name).read_bytes() == data
-    assert total(nodes, "store_gets") == blocks   # the reads took nothing from S3
+    g1 = gets()
+    for m in nodes:
+        for name, data in files.items():
+            assert (m.path / "dataset" / name).read_bytes() == data
+    assert gets() == g1, "a read after the warmup went to S3"
+    assert stats(nodes[3]).get("store_gets", 0) == 0
     # again: everything is cached already, S3 sees nothing new
     r = json.loads(assert_ok(run_cli("warmup", "--json", d1, env=vol.env)).stdout)
-    assert r["cached_blocks"] == blocks and total(nodes, "store_gets") == blocks
+    assert r["cached_blocks"] == blocks and gets() == g1
     # evict drops it from the group; a background warmup brings it back
     r = json.loads(assert_ok(run_cli("warmup", "--evict", "--json", d1, env=vol.env)).stdout)
     assert r["cached_blocks"] == blocks
-    assert _check(d1, vol.env)["cached_blocks"] == 0
+    assert _check(d1, vol.env)["cached_ratio"] == 0.0
     r = assert_ok(run_cli("warmup", "--background", d1, env=vol.env))
     assert "background" in r.stdout
     wait_for(lambda: _check(d1, vol.env)["cached_ratio"] == 1.0, timeout=30, what="the background warmup")
+    # and from a machine with no mount, given the metadata URL
+    assert_ok(run_cli("warmup", "--evict", "--meta", vol.meta_url, "/dataset/train", env=vol.env))
+    assert _check(d1, vol.env)["cached_blocks"] == 1   # only "small" is left
+    r = json.loads(assert_ok(run_cli("warmup", "--json", "--meta", vol.meta_url, "/dataset", env=vol.env)).stdout)
+    assert (r["blocks"], r["cached_blocks"], r["errors"]) == (blocks, 1, 0)
+    assert _check(d1, vol.env)["cached_ratio"] == 1.0
+
+
+class Readers:
+    """Threads that read files over and over and verify every byte, dropping
+    the page cache of each file first so that every pass reaches the daemon."""
+
+    def __init__(self, files: dict, roots: list):
+        self.files, self.roots = files, roots
+        self.errors: list[str] = []
+        self.passes = 0
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(r,)) for r in roots]
+
+    def _run(self, root):
+        while not self.stop.is_set():
+            for name, data in self.files.items():
+                try:
+                    fd = os.open(root / "dataset" / name, os.O_RDONLY)
+                    try:
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                        got = b"".join(iter(lambda: os.read(fd, MiB), b""))
+                    finally:
+                        os.close(fd)
+                    if got != data:
+                        self.errors.append(f"{root}/{name}: wrong bytes")
+                except OSError as e:
+                    self.errors.append(f"{root}/{name}: {e}")
+            self.passes += 1
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+    def wait_passes(self, n: int) -> None:
+        target = self.passes + n
+        wait_for(lambda: self.passes >= target or self.errors, timeout=60, what=f"{n} more read passes")
+
+
+def test_member_killed_in_the_middle_of_reads(make_volume, mount_volume):
+    vol = make_volume("s3")
+    small = ("--mem-cache-size", "4M")   # so readers keep asking the owners
+    nodes = [member(mount_volume, vol, *small) for _ in range(3)]
+    files = _dataset(nodes[0].path)
+    for m in nodes:
+        wait_members(m, 3)
+    assert_ok(run_cli("warmup", nodes[0].path / "dataset", env=vol.env))
+    with Readers(files, [m.path for m in nodes[1:]]) as readers:
+        readers.wait_passes(2)
+        nodes[0].kill()
+        readers.wait_passes(6)
+    assert not readers.errors, readers.errors[:5]
+    assert total(nodes[1:], "group_fallbacks") + total(nodes[1:], "group_errors") > 0
+
+
+def test_member_joins_while_readers_run(make_volume, mount_volume, s3_server):
+    """After a join, the new owner of a block first asks its previous owner:
+    no read fails, and S3 serves nothing new for a warm data set."""
+    vol = make_volume("s3")
+    small = ("--mem-cache-size", "4M")
+    nodes = [member(mount_volume, vol, *small) for _ in range(2)]
+    files = _dataset(nodes[0].path)
+    for m in nodes:
+        wait_members(m, 2)
+    assert_ok(run_cli("warmup", nodes[0].path / "dataset", env=vol.env))
+    g0 = s3_server.requests(vol.bucket, "GET")
+    with Readers(files, [m.path for m in nodes]) as readers:
+        readers.wait_passes(2)
+        new = member(mount_volume, vol, *small)
+        for m in nodes:
+            wait_members(m, 3)
+        readers.wait_passes(4)
+    assert not readers.errors, readers.errors[:5]
+    assert stats(new).get("group_handover_hits", 0) > 0
+    assert total(nodes + [new], "store_gets") == 0, "a block came from S3 after the join"
+    # S3's own count: only the new member's mount check (bucket and test object)
+    assert s3_server.requests(vol.bucket, "GET") - g0 <= 2
 
 
 def test_warmup_errors(make_volume, mount_volume, tmp_dir):

@@ -107,21 +107,34 @@ class GroupNode:
         return await self.from_store(key), False
 
     async def fetch_as_owner(self, key: str) -> bytes:
-        """This node owns the block: from the previous owner if it still
-        holds it, else from the object store."""
-        prev = self.prev_ring.owner(key) if self.prev_ring is not None else None
-        if prev is not None and prev != self.id and self.client.available(prev):
+        """A peer asked this node to fill a block, or this node owns it.
+        Before the object store, ask (without fill, so a request never
+        bounces between members) the owner by this node's current ring, if
+        that is another member (rings briefly differ while membership
+        changes), and the owner before the last change (after a join, the
+        group already holds what the new owner misses)."""
+        candidates = [self.ring.owner(key)]
+        if self.prev_ring is not None:
+            candidates.append(self.prev_ring.owner(key))
+        asked = {None, self.id}
+        for peer in candidates:
+            if peer in asked or not self.client.available(peer):
+                continue
+            asked.add(peer)
             try:
-                data = await self.client.get(prev, key, fill=False)
-                if data is not None:
-                    STATS.add("group_handover_hits")
-                    return data
+                data = await self.client.get(peer, key, fill=False)
             except PeerError as e:
-                self._peer_failed(prev, e)
+                self._peer_failed(peer, e)
+                continue
+            if data is not None:
+                STATS.add("group_handover_hits")
+                return data
         return await self.from_store(key)
 
     def _peer_failed(self, addr: str, e: PeerError) -> None:
         STATS.add("group_errors")
+        if e.remote:  # the peer is up; its own object-store fetch failed
+            return
         # One line per peer per back-off period, not one per block.
         now = time.monotonic()
         if self._warned.get(addr, 0) < now:
@@ -232,7 +245,10 @@ async def open_group(redis, secret: str, opts: GroupOptions, cache,
         node.membership = Membership(redis, opts.name, address, opts.weight, opts.timeout)
         node.id = node.membership.id
         node._update(await node.membership.beat(node._info()))
-        node.prev_ring = None
+        # The ring before this node joined: the owners to ask before S3 for
+        # what this node now owns (a restarted member may own it already).
+        before = Ring({m.id: m.weight for m in node.members if m.sharing and m.id != node.id})
+        node.prev_ring = before if len(before) else None
         nursery.start_soon(node._heartbeat_loop)
         try:
             yield node
