@@ -167,6 +167,8 @@ def status(meta_url):
               help="kernel entry cache timeout (s)")
 @click.option("--read-ahead-kb", default=1024, show_default=True, type=click.IntRange(0, 1 << 20),
               help="kernel readahead of the mount (0: leave it)")
+@click.option("--meta-timeout", default=60.0, show_default=True, type=click.FloatRange(1, 86400),
+              help="seconds a metadata operation waits for an unreachable Redis before it fails with EIO")
 @click.option("--cache-group", help="join this cache group: blocks are shared with its members")
 @click.option("--group-listen", default="0.0.0.0:9750", show_default=True,
               help="HOST:PORT where this member serves blocks to its peers")
@@ -179,7 +181,7 @@ def status(meta_url):
 @click.option("--log", "log_file", help="log file (default for -d: <cache dir>/jfscache.log)")
 @click.option("--debug", is_flag=True, help="debug logging")
 def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer_size, max_uploads, prefetch,
-          attr_timeout, entry_timeout, read_ahead_kb, cache_group, group_listen, group_weight, group_timeout,
+          attr_timeout, entry_timeout, read_ahead_kb, meta_timeout, cache_group, group_listen, group_weight, group_timeout,
           no_sharing, background, log_file, debug):
     """Mount a volume. Without META_URL, mount the embedded default volume
     (a private redis-server and a local block directory under ~/.local/state/jfscache)."""
@@ -213,7 +215,8 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
                    buffer_size=parse_size(buffer_size, "M"), prefetch=prefetch)
     cfg = MountConfig(meta_url=meta_url, mountpoint=mountpoint, cache_dirs=list(cache_dirs),
                       cache_size=parse_size(cache_size, "M"), free_space_ratio=free_space_ratio,
-                      mem_cache_size=parse_size(mem_cache_size, "M"), read_ahead_kb=read_ahead_kb, opts=opts)
+                      mem_cache_size=parse_size(mem_cache_size, "M"), read_ahead_kb=read_ahead_kb, opts=opts,
+                      meta_timeout=meta_timeout)
     if cache_group:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cache_group):
             raise Failure(f"invalid --cache-group {cache_group!r}: use letters, digits, '.', '_' and '-'")
@@ -559,6 +562,9 @@ def _leaf(e: BaseException) -> BaseException:
 
 
 def main():
+    # Library warnings (e.g. "Redis is unreachable") reach a user of a
+    # command through its one error line; only a mount sets up a log.
+    logging.getLogger().addHandler(logging.NullHandler())
     try:
         try:
             cli.main(standalone_mode=False)

@@ -34,6 +34,7 @@ class MountConfig:
     opts: Options = None
     allow_other: bool | None = None  # None: when running as root
     group: GroupOptions | None = None  # member of a cache group
+    meta_timeout: float = 60.0  # how long metadata operations wait for an unreachable Redis
 
 
 def open_storage(settings: dict):
@@ -64,6 +65,7 @@ async def _serve(cfg: MountConfig) -> None:
         meta = Meta(cfg.meta_url)
         stack.push_async_callback(meta.aclose)
         settings = await meta.load()
+        meta.r.timeout = cfg.meta_timeout  # Redis answered: from now on, outages are waited out
         storage = open_storage(settings)
         stack.push_async_callback(storage.close)
         await storage.check()

@@ -361,10 +361,11 @@ def assert_clean_error(r: subprocess.CompletedProcess, pattern: str | None = Non
 class RedisServer:
     """A private redis-server on a free port of 127.0.0.1, 1024 databases."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, persistent: bool = False):
         self.workdir = workdir
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self.persistent = persistent   # append-only file, fsync always: survives restart()
         self.log_path = workdir / "redis.log"
         self._dbs = itertools.count(1)
         self._lock = threading.Lock()
@@ -372,10 +373,13 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> "RedisServer":
         binary = _which("redis-server")
         last = ""
-        for _ in range(3):
-            self.port = free_port()
+        keep = self.port != 0   # restart(): the same port, as clients know it
+        for _ in range(1 if keep else 3):
+            self.port = self.port if keep else free_port()
             cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                   "--dir", str(self.workdir), "--save", "", "--appendonly", "no",
+                   "--dir", str(self.workdir), "--save", "",
+                   *(["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
+                     else ["--appendonly", "no"]),
                    "--databases", "1024", "--protected-mode", "no", "--daemonize", "no",
                    "--logfile", str(self.log_path), "--unixsocket", ""]
             self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdin=subprocess.DEVNULL,
@@ -421,6 +425,11 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc, signal.SIGTERM, grace=5)
+
+    def restart(self) -> None:
+        """Stop (SIGTERM) and start again on the same port."""
+        self.stop()
+        self.start()
 
 
 # --------------------------------------------------------------------------

@@ -216,6 +216,8 @@ class GroupNode:
             await trio.sleep(self.opts.heartbeat)
             try:
                 self._update(await self.membership.beat(self._info()))
+            except OSError:
+                pass  # Redis unreachable: its client logs each outage once; keep the last ring
             except Exception as e:  # keep the last ring; Redis may be back at the next beat
                 log.warning("cache group heartbeat failed: %s", e)
 

@@ -64,7 +64,7 @@ local ino = string.sub(e, 2)
 local chunk = {}
 if string.sub(e, 1, 1) == 'f' then chunk = redis.call('LRANGE', 'c' .. ino .. '_0', 0, -1) end
 return {e, """ + _HMGET % "'i' .. ino" + """, chunk}
-""")
+""", idempotent=True)  # read-only
 
 # KEYS: i<parent> d<parent> i<ino>
 # ARGV: name ino type mode uid gid rdev now target max_inodes parent
@@ -150,7 +150,7 @@ local n = redis.call('HGET', 'i' .. ARGV[1], 'nlink')
 if n and tonumber(n) > 0 then return 0 end
 drop_inode(ARGV[1], ARGV[3])
 return 1
-""")
+""", idempotent=True)  # a second run finds the inode gone
 
 # KEYS: i<parent> d<parent>   ARGV: name now
 RMDIR = Script(_COMMON + r"""
@@ -268,7 +268,7 @@ SETATTR = Script(r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('ENOENT') end
 redis.call('HSET', KEYS[1], 'ctime', ARGV[1], unpack(ARGV, 2))
 return """ + _HMGET % "KEYS[1]" + """
-""")
+""", idempotent=True)  # sets fields
 
 # KEYS: i<ino> k<ino>   ARGV: new_length now chunk_size capacity(0 = none) ino
 # Shrinking covers the cut part of the boundary chunk with a zero slice (id 0)
@@ -315,7 +315,7 @@ end
 redis.call('INCRBY', 'usedSpace', num(delta))
 redis.call('HSET', KEYS[1], 'length', ARGV[1], 'mtime', ARGV[2], 'ctime', ARGV[2])
 return """ + _HMGET % "KEYS[1]" + """
-""")
+""", idempotent=True)  # a second run finds the length already set
 
 # Commit one written slice. Its blocks are already in the object store.
 # KEYS: i<ino> c<ino>_<indx> k<ino>   ARGV: packed slice, end offset in file, now, capacity, indx
@@ -336,7 +336,7 @@ redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[5])
 redis.call('HSET', KEYS[1], 'mtime', ARGV[3], 'ctime', ARGV[3])
 return num(old)
-""")
+""", idempotent=True)  # a second run appends the same slice again, which reads the same (newest wins) and changes no length or space
 
 # KEYS: i<ino> x<ino>   ARGV: name value now
 # (pyfuse3 checks XATTR_CREATE / XATTR_REPLACE itself, with a getxattr first.)
@@ -345,7 +345,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('ENOENT') en
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[1], 'ctime', ARGV[3], 'xattr', '1')
 return 1
-""")
+""", idempotent=True)  # sets a field
 
 # KEYS: i<ino> x<ino>   ARGV: name now
 REMOVEXATTR = Script(r"""
@@ -366,4 +366,4 @@ redis.call('DEL', 'sustained' .. ARGV[1])
 redis.call('ZREM', 'sessions', ARGV[1])
 redis.call('HDEL', 'sessionInfos', ARGV[1])
 return #inos
-""")
+""", idempotent=True)  # a second run finds nothing left

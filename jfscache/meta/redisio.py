@@ -9,19 +9,38 @@ URLs, so every URL form redis-py accepts works here too.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
+import socket
+import time
 
 import hiredis
 import trio
 from redis.connection import parse_url
+
+log = logging.getLogger(__name__)
+
+# Commands whose second application changes what the first did. Anything else
+# (reads, SET/HSET/ZADD/DEL/...) may be sent again when a reply was lost.
+_NOT_IDEMPOTENT = {b"INCR", b"INCRBY", b"DECR", b"DECRBY", b"HINCRBY", b"LPOP", b"RPOP", b"RPUSH", b"LPUSH",
+                   b"EVAL", b"EVALSHA"}
 
 
 class RedisError(Exception):
     """An error reply from Redis (the message is Redis's own)."""
 
 
-class RedisUnavailable(Exception):
-    """Redis cannot be reached; the message says where and why, in one line."""
+class RedisUnavailable(OSError):
+    """Redis cannot be reached (or a mutation's reply was lost); the message
+    says where and why, in one line. An OSError(EIO), so that a metadata
+    operation that fails this way reaches the application as EIO."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.EIO, message)
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def _parse(url: str) -> dict:
@@ -50,11 +69,15 @@ def describe(url: str) -> str:
 
 
 class Script:
-    """A Lua script run with EVALSHA, loaded on first NOSCRIPT."""
+    """A Lua script run with EVALSHA, loaded on first NOSCRIPT. `idempotent`:
+    running it twice leaves what running it once does (read-only scripts,
+    and those whose second run finds the work done), so it may be sent
+    again when its reply was lost; other scripts then fail with EIO."""
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, idempotent: bool = False):
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self.idempotent = idempotent
 
 
 class _Conn:
@@ -63,6 +86,24 @@ class _Conn:
     def __init__(self, stream):
         self.stream = stream
         self.reader = hiredis.Reader()
+
+    def alive(self) -> bool:
+        """False if Redis closed this idle connection (e.g. it restarted):
+        a peek that finds EOF or an error. A request is never sent on such a
+        connection, so a lost reply really means Redis may have acted."""
+        sock = getattr(self.stream.socket, "_sock", None)  # the stdlib socket under trio's
+        if sock is None:
+            return True
+        try:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True  # nothing to read: the normal state of an idle connection
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        # Closing a trio socket needs no await; streams' aclose only adds a checkpoint.
+        self.stream.socket.close()
 
     async def roundtrip(self, packed: bytes, n: int) -> list:
         await self.stream.send_all(packed)
@@ -83,7 +124,7 @@ class _Conn:
 class Redis:
     """A pool of connections to one Redis database."""
 
-    def __init__(self, url: str, max_idle: int = 32, connect_timeout: float = 5.0):
+    def __init__(self, url: str, max_idle: int = 32, connect_timeout: float = 5.0, timeout: float = 5.0):
         self.url = url
         self.where = describe(url)
         opts = _parse(url)
@@ -96,10 +137,14 @@ class Redis:
         self._idle: list[_Conn] = []
         self._max_idle = max_idle
         self._connect_timeout = connect_timeout
+        # How long an operation keeps trying while Redis is unreachable
+        # before it fails (EIO): short for the CLI, --meta-timeout in a mount.
+        self.timeout = timeout
+        self._down_since: float | None = None
 
     async def _connect(self) -> _Conn:
         try:
-            with trio.fail_after(self._connect_timeout):
+            with trio.fail_after(max(0.1, min(self._connect_timeout, self.timeout))):
                 if self._path:
                     stream = await trio.open_unix_socket(self._path)
                 else:
@@ -124,37 +169,74 @@ class Redis:
         except OSError as e:
             raise RedisUnavailable(f"cannot connect to Redis at {self.where}: {e.strerror or e}") from None
 
-    async def _run(self, packed: bytes, n: int) -> list:
-        conn = self._idle.pop() if self._idle else await self._connect()
-        try:
-            replies = await conn.roundtrip(packed, n)
-        except BaseException:
-            # A connection interrupted mid-reply has unread bytes: never reuse it.
-            with trio.CancelScope(shield=True):
-                await conn.stream.aclose()
-            raise
-        if len(self._idle) < self._max_idle:
-            self._idle.append(conn)
-        else:
-            await conn.stream.aclose()
-        return replies
+    def _outage(self, e: Exception) -> None:
+        """One log line per outage, not one per operation."""
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("Redis at %s is unreachable (%s); metadata operations wait up to %g s for it, "
+                        "then fail with EIO", self.where, e, self.timeout)
 
-    async def _run_retry(self, packed: bytes, n: int) -> list:
-        # One retry on a fresh connection covers a Redis restart or an idle
-        # connection closed by a proxy; anything else surfaces to the caller.
-        try:
-            return await self._run(packed, n)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            for c in self._idle:
-                await c.stream.aclose()
-            self._idle.clear()
+    def _back(self) -> None:
+        if self._down_since is not None:
+            log.warning("Redis at %s is reachable again (after %.1f s)", self.where,
+                        time.monotonic() - self._down_since)
+            self._down_since = None
+
+    def _drop_idle(self) -> None:
+        for c in self._idle:
+            c.close()
+        self._idle.clear()
+
+    async def _run(self, packed: bytes, n: int, resend: bool) -> list:
+        """Send, read n replies. Failures to connect are retried until the
+        timeout. A connection that breaks after the request went out is
+        retried only when `resend`: Redis may have applied it, and a second
+        INCR or script run would apply it twice."""
+        deadline = time.monotonic() + self.timeout
+        delay = 0.05
+        while True:
+            conn = None
+            while self._idle:
+                c = self._idle.pop()
+                if c.alive():
+                    conn = c
+                    break
+                c.close()  # closed by Redis (a restart): nothing was sent on it
             try:
-                return await self._run(packed, n)
+                if conn is None:
+                    conn = await self._connect()
+            except RedisUnavailable as e:
+                self._outage(e)
+                if time.monotonic() + delay > deadline:
+                    raise
+                await trio.sleep(delay)
+                delay = min(1.0, delay * 2)
+                continue
+            try:
+                replies = await conn.roundtrip(packed, n)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                raise RedisUnavailable(f"lost the connection to Redis at {self.where}: {e}") from None
+                conn.close()
+                self._drop_idle()
+                self._outage(e)
+                if not resend:
+                    raise RedisUnavailable(f"lost the connection to Redis at {self.where} before its reply "
+                                           "(the change may or may not have been applied)") from None
+                if time.monotonic() > deadline:
+                    raise RedisUnavailable(f"lost the connection to Redis at {self.where}: {e}") from None
+                continue
+            except BaseException:
+                # A connection interrupted mid-reply has unread bytes: never reuse it.
+                conn.close()
+                raise
+            self._back()
+            if len(self._idle) < self._max_idle:
+                self._idle.append(conn)
+            else:
+                conn.close()
+            return replies
 
     async def execute(self, *args):
-        (reply,) = await self._run_retry(hiredis.pack_command(args), 1)
+        (reply,) = await self._run(hiredis.pack_command(args), 1, _resendable(args))
         if isinstance(reply, hiredis.ReplyError):
             raise RedisError(str(reply))
         return reply
@@ -164,7 +246,7 @@ class Redis:
         if not commands:
             return []
         packed = b"".join(hiredis.pack_command(c) for c in commands)
-        replies = await self._run_retry(packed, len(commands))
+        replies = await self._run(packed, len(commands), all(map(_resendable, commands)))
         for r in replies:
             if isinstance(r, hiredis.ReplyError):
                 raise RedisError(str(r))
@@ -172,16 +254,19 @@ class Redis:
 
     async def eval(self, script: Script, keys: list, args: list):
         cmd = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        (reply,) = await self._run_retry(hiredis.pack_command(cmd), 1)
+        (reply,) = await self._run(hiredis.pack_command(cmd), 1, script.idempotent)
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             await self.execute("SCRIPT", "LOAD", script.source)
-            (reply,) = await self._run_retry(hiredis.pack_command(cmd), 1)
+            (reply,) = await self._run(hiredis.pack_command(cmd), 1, script.idempotent)
         if isinstance(reply, hiredis.ReplyError):
             raise RedisError(str(reply))
         return reply
 
     async def aclose(self):
-        for c in self._idle:
-            await c.stream.aclose()
-        self._idle.clear()
+        self._drop_idle()
+
+
+def _resendable(cmd: tuple) -> bool:
+    name = cmd[0] if isinstance(cmd[0], bytes) else str(cmd[0]).encode()
+    return name.upper() not in _NOT_IDEMPOTENT
 

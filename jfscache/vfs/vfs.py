@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ..layout import CHUNK_SIZE, MAX_FILE_SIZE, Segment, block_key, resolve, slice_block_keys
-from ..meta.engine import HEARTBEAT, ROOT_INODE, Attr, Meta, Slice
+from ..meta.engine import HEARTBEAT, ROOT_INODE, Attr, Meta, RedisUnavailable, Slice
 from ..cache.stats import STATS
 from .internal import NAMES, Internal
 from .writer import FileWriter, WriteBudget
@@ -111,6 +111,8 @@ class VFS:
             await trio.sleep(HEARTBEAT)
             try:
                 await self.meta.heartbeat()
+            except RedisUnavailable:
+                pass  # the client logs each outage once
             except Exception as e:
                 log.warning("session heartbeat failed: %s", e)
 
@@ -121,6 +123,8 @@ class VFS:
             self._delete_wakeup = trio.Event()
             try:
                 await self._delete_pending()
+            except RedisUnavailable:
+                pass  # the client logs each outage once; the queue waits in Redis
             except Exception as e:
                 log.warning("deleting unreferenced data failed (will retry): %s", e)
 

@@ -1,0 +1,108 @@
+"""Redis failing under a mount. A restart in the middle of a write and read
+workload is reconnected to without help and loses nothing fsync'd; an outage
+fails operations with EIO after --meta-timeout, logs one line (no traceback
+per operation), leaves the mount alive, and ends when Redis is back."""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+
+import pytest
+
+from helpers import MiB, RedisServer, assert_ok, new_dir, run_cli, wait_for
+
+pytestmark = pytest.mark.usefixtures("_no_plain_dir")
+
+
+@pytest.fixture
+def _no_plain_dir():
+    if os.environ.get("JFSCACHE_TEST_DIR"):
+        pytest.skip("needs its own Redis and mount (JFSCACHE_TEST_DIR is set)")
+
+
+@pytest.fixture
+def own_redis(tmp_dir):
+    r = RedisServer(new_dir("redis-own"), persistent=True)
+    r.start()
+    yield r
+    r.stop()
+
+
+def _mount(own_redis, mounts, tmp_dir, *extra):
+    url = own_redis.url(1)
+    assert_ok(run_cli("format", url, "vol", "--storage", "file", "--bucket", tmp_dir / "store"))
+    mp = new_dir("mnt")
+    return mounts.start(["mount", url, str(mp), "--cache-dir", str(new_dir("cache")), *extra], mp, dict(os.environ))
+
+
+def test_redis_restart_mid_workload(own_redis, mounts, tmp_dir):
+    m = _mount(own_redis, mounts, tmp_dir)
+    written: dict[str, bytes] = {}
+    failed: list[str] = []
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            name, data = f"f{i:04d}", os.urandom(100_000 + i * 997 % MiB)
+            try:
+                fd = os.open(m.path / name, os.O_WRONLY | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                written[name] = data
+                # and read something back while we are at it
+                old = f"f{i // 2:04d}"
+                if old in written:
+                    assert (m.path / old).read_bytes() == written[old], f"{old} differs"
+            except OSError as e:
+                # Only a mutation whose reply was lost in the restart may fail (EIO).
+                assert e.errno == errno.EIO, e
+                failed.append(name)
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        wait_for(lambda: len(written) >= 20, timeout=60, what="the writer to get going")
+        own_redis.restart()
+        n = len(written)
+        wait_for(lambda: len(written) >= n + 20, timeout=60, what="writes to go on after the restart")
+    finally:
+        stop.set()
+        t.join(60)
+    assert len(failed) <= 2, failed   # at most the operation(s) in flight at the restart
+    for name, data in written.items():
+        assert (m.path / name).read_bytes() == data, name
+    m.remount(clear_cache=True)
+    for name, data in written.items():
+        assert (m.path / name).read_bytes() == data, name
+    assert "Traceback" not in m.log_text()
+
+
+def test_redis_outage_gives_eio_then_recovers(own_redis, mounts, tmp_dir):
+    m = _mount(own_redis, mounts, tmp_dir, "--meta-timeout", "3")
+    (m.path / "before").write_bytes(b"kept")
+    own_redis.stop()
+    for i in range(4):
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:
+            os.stat(m.path / f"new{i}")   # a lookup: a Redis round trip
+        assert e.value.errno == errno.EIO
+        assert time.monotonic() - t0 < 60, "an operation hung instead of failing"
+    with pytest.raises(OSError) as e:
+        (m.path / "during").write_bytes(b"x")
+    assert e.value.errno == errno.EIO
+    assert m.alive, "the daemon died in the outage"
+    own_redis.start()
+    wait_for(lambda: (m.path / "before").read_bytes() == b"kept", timeout=30, what="the mount to recover")
+    (m.path / "after").write_bytes(b"works")
+    assert (m.path / "after").read_bytes() == b"works"
+    log = m.log_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert log.count("is unreachable") == 1, log[-3000:]
+    assert "reachable again" in log
