@@ -5,6 +5,7 @@ line on stderr and exit status 1, never a traceback.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -189,6 +190,7 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
         raise Failure("usage: jfscache mount [META_URL] MOUNTPOINT")
     meta_url, mountpoint = (None, args[0]) if len(args) == 1 else args
     mountpoint = os.path.abspath(mountpoint)
+    _recover_stale(mountpoint)
     if not os.path.isdir(mountpoint):
         raise Failure(f"mount point {mountpoint} does not exist or is not a directory")
     if os.path.ismount(mountpoint):
@@ -234,6 +236,25 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
     finally:
         from .embedded import stop_redis
         stop_redis(redis_proc)
+
+
+def _recover_stale(mountpoint: str) -> None:
+    """A daemon that was killed leaves its FUSE mount behind, answering
+    ENOTCONN to everything: unmount it (lazily, as nothing can be flushed
+    any more) so that this mount can take its place, and say so."""
+    try:
+        os.stat(mountpoint)
+        return
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            return
+    exe = shutil.which("fusermount3") or shutil.which("fusermount")
+    r = subprocess.run([exe, "-uz", mountpoint] if exe else ["umount", "-l", mountpoint],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise Failure(f"{mountpoint} is a stale mount of a daemon that died, and unmounting it failed: "
+                      f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    click.echo(f"jfscache: {mountpoint} was a stale mount left by a daemon that died; unmounted it", err=True)
 
 
 def _embedded_volume(mountpoint: str):

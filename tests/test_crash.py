@@ -1,0 +1,85 @@
+"""A daemon killed with SIGKILL in the middle of a workload: every file
+fsync'd before the kill has exactly its content after a remount, the tree is
+consistent, and the next `mount` finds and clears the stale mount point."""
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from helpers import MiB, assert_ok, is_mounted, run_cli, wait_for
+
+pytestmark = pytest.mark.usefixtures("_no_plain_dir")
+
+
+@pytest.fixture
+def _no_plain_dir():
+    if os.environ.get("JFSCACHE_TEST_DIR"):
+        pytest.skip("needs its own mount (JFSCACHE_TEST_DIR is set)")
+
+
+def test_sigkill_mid_workload_keeps_fsyncd_files(make_volume, mount_volume):
+    vol = make_volume("s3")
+    m = mount_volume(vol)
+    synced: dict[str, bytes] = {}
+    stop = threading.Event()
+
+    def work(k: int):
+        d = m.path / f"w{k}"
+        d.mkdir()
+        i = 0
+        while not stop.is_set():
+            name = f"w{k}/f{i:04d}"
+            data = os.urandom((i * 7919) % (3 * MiB) + 1)
+            try:
+                fd = os.open(m.path / name, os.O_WRONLY | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, data)
+                    if i % 2 == 0:   # half the files are fsync'd; the rest may be lost
+                        os.fsync(fd)
+                        synced[name] = data
+                finally:
+                    os.close(fd)
+                if i % 5 == 4:   # renames and unlinks too
+                    os.rename(m.path / name, m.path / (name + ".r"))
+                    if name in synced:
+                        synced[name + ".r"] = synced.pop(name)
+            except OSError:
+                return   # the daemon is gone
+            i += 1
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(synced) >= 30, timeout=120, what="the workload to fsync 30 files")
+    m.kill()   # SIGKILL, and a lazy unmount of what is left
+    stop.set()
+    for t in threads:
+        t.join(60)
+    m.start()
+    for name, data in synced.items():
+        assert (m.path / name).read_bytes() == data, name
+    for dirpath, dirs, files in os.walk(m.path):   # every entry resolves
+        for f in files:
+            os.stat(os.path.join(dirpath, f))
+    m.remount(clear_cache=True)   # and from the object store, not the cache
+    for name, data in synced.items():
+        assert (m.path / name).read_bytes() == data, name
+
+
+def test_stale_mount_point_is_recovered(make_volume, mounts):
+    vol = make_volume("file")
+    m = mounts.mount(vol)
+    (m.path / "f").write_bytes(b"kept")
+    m.proc.kill()   # SIGKILL, leaving the FUSE mount behind
+    m.proc.wait()
+    with pytest.raises(OSError):
+        os.stat(m.path)
+    assert is_mounted(m.path)
+    r = run_cli("mount", vol.meta_url, m.path, "--cache-dir", m.cache_dir, "-d", env=vol.env)
+    mounts.track_mountpoint(m.path)
+    assert_ok(r)
+    assert "stale mount" in r.stderr
+    assert (m.path / "f").read_bytes() == b"kept"
+    assert_ok(run_cli("umount", m.path))
