@@ -135,8 +135,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        fh, a = await self.vfs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
-        return pyfuse3.FileInfo(fh=fh), self._entry(a)
+        fh, a, direct = await self.vfs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=fh, direct_io=direct), self._entry(a)
 
     @_errors
     async def read(self, fh, off, size):

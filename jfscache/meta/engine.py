@@ -345,6 +345,14 @@ class Meta:
         return int(await self._script(lua.WRITE, [f"i{ino}", f"c{ino}_{indx}", f"k{ino}"],
                                       [s.pack(), end, _now(), self.capacity, indx]))
 
+    async def append_slice(self, ino: int, sid: int, n: int) -> int:
+        """Commit a stored slice of n bytes at the file's current end (atomic
+        across nodes); returns the new length."""
+        if n > CHUNK_SIZE:
+            raise ValueError("an appended slice is at most one chunk")
+        return int(await self._script(lua.APPEND, [f"i{ino}", f"k{ino}"],
+                                      [sid, n, _now(), self.capacity, CHUNK_SIZE, MAX_FILE_SIZE, ino]))
+
     # ---- deletion queues (drained by the background deleter, in batches) ---
     async def deleted_files(self, limit: int = 100) -> list[bytes]:
         """Members ("<ino>:<length>") of files whose data waits to be deleted."""

@@ -338,6 +338,39 @@ redis.call('HSET', KEYS[1], 'mtime', ARGV[3], 'ctime', ARGV[3])
 return num(old)
 """, idempotent=True)  # a second run appends the same slice again, which reads the same (newest wins) and changes no length or space
 
+# Commit appended bytes (one uploaded slice of n bytes) at the file's true end,
+# whatever length the writer's node had cached: appends from many nodes all
+# land, none over another. The slice is split over two chunks if it crosses
+# a chunk boundary (so it must be at most one chunk long).
+# KEYS: i<ino> k<ino>   ARGV: slice id, n, now, capacity, chunk size, max file size, ino
+# Returns the new length.
+APPEND = Script(_COMMON + r"""
+local a = redis.call('HMGET', KEYS[1], 'type', 'length')
+if not a[1] then return fail('ENOENT') end
+if a[1] ~= 'f' then return fail('EISDIR') end
+local old = tonumber(a[2])
+local n = tonumber(ARGV[2])
+local C = tonumber(ARGV[5])
+local e = old + n
+if e > tonumber(ARGV[6]) then return fail('EFBIG') end
+local delta = align4k(e) - align4k(old)
+local cap = tonumber(ARGV[4])
+if cap > 0 and tonumber(redis.call('GET', 'usedSpace') or '0') + delta > cap then return fail('ENOSPC') end
+local done = 0
+while done < n do
+  local indx = math.floor((old + done) / C)
+  local pos = (old + done) % C
+  local take = math.min(n - done, C - pos)
+  redis.call('RPUSH', 'c' .. ARGV[7] .. '_' .. num(indx),
+             struct.pack('>I4I8I4I4I4', pos, tonumber(ARGV[1]), n, done, take))
+  redis.call('ZADD', KEYS[2], num(indx), num(indx))
+  done = done + take
+end
+redis.call('INCRBY', 'usedSpace', num(delta))
+redis.call('HSET', KEYS[1], 'length', num(e), 'mtime', ARGV[3], 'ctime', ARGV[3])
+return num(e)
+""")
+
 # KEYS: i<ino> x<ino>   ARGV: name value now
 # (pyfuse3 checks XATTR_CREATE / XATTR_REPLACE itself, with a getxattr first.)
 SETXATTR = Script(r"""

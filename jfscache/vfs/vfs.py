@@ -164,7 +164,7 @@ class VFS:
         """Attributes as this node's buffered writes will make them."""
         fw = self.writers.get(a.ino)
         if fw is not None:
-            a = dataclasses.replace(a, length=max(a.length, fw.length), mtime=max(a.mtime, fw.mtime),
+            a = dataclasses.replace(a, length=max(a.length, fw.length) + len(fw.appends), mtime=max(a.mtime, fw.mtime),
                                     ctime=max(a.ctime, fw.mtime))
         return a
 
@@ -299,9 +299,13 @@ class VFS:
         if flags & os.O_TRUNC and (length or ino in self.writers):  # libfuse asks for atomic_o_trunc
             await self.setattr(ino, size=0)
             unchanged = False
-        return self._new_handle(ino, flags), unchanged, False
+        # Appending handles use direct I/O: the kernel then keeps no pages of
+        # a file whose end other nodes move.
+        return self._new_handle(ino, flags), unchanged, bool(flags & os.O_APPEND)
 
-    async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Attr]:
+    async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
+                     gid: int) -> tuple[int, Attr, bool]:
+        """Returns (handle, attributes, whether to use direct I/O)."""
         self._changed(parent)
         try:
             a = self._saw(await self.meta.mknod(parent, name, "f", mode, uid, gid))
@@ -310,12 +314,12 @@ class VFS:
                 raise
             # Lost a race with another creator: open what is there, as open(2) would.
             a = await self.lookup(parent, name)
-            fh, _, _ = await self.open(a.ino, flags)
-            return fh, a
+            fh, _, direct = await self.open(a.ino, flags)
+            return fh, a, direct
         of = self.files.setdefault(a.ino, _OpenFile())
         of.count += 1
         of.mtime, of.length = a.mtime, 0
-        return self._new_handle(a.ino, flags), a
+        return self._new_handle(a.ino, flags), a, bool(flags & os.O_APPEND)
 
     def _writer(self, ino: int) -> FileWriter:
         fw = self.writers.get(ino)
@@ -325,11 +329,15 @@ class VFS:
                 upload_limiter=self.upload_limiter, nursery=self.nursery, on_commit=self._committed)
         return fw
 
-    def _committed(self, ino: int, indx: int, length: int) -> None:
+    def _committed(self, ino: int, indx: int | None, length: int) -> None:
+        """Slices of chunk `indx` (None: of any chunk, an append) were committed."""
         self._changed(ino)
         of = self.files.get(ino)
         if of is not None:
-            of.chunks.pop(indx, None)
+            if indx is None:
+                of.chunks.clear()
+            else:
+                of.chunks.pop(indx, None)
             of.length = max(of.length, length)
 
     async def write(self, fh: int, off: int, data) -> int:
@@ -342,7 +350,13 @@ class VFS:
                 raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
             data = memoryview(data)[:MAX_FILE_SIZE - off]
         self._changed(h.ino)
-        await self._writer(h.ino).write(off, data)
+        if h.flags & os.O_APPEND:
+            # The kernel's offset is the size it has cached, which another
+            # node may have outgrown: the record lands at the true end when
+            # it is committed (flush, fsync, close, or a block's worth).
+            await self._writer(h.ino).append(data)
+        else:
+            await self._writer(h.ino).write(off, data)
         STATS.add("fuse_writes")
         STATS.add("fuse_write_bytes", len(data))
         return len(data)

@@ -154,10 +154,14 @@ class FileWriter:
         self.length = 0  # end of the furthest write, for getattr while data is buffered
         self.mtime = 0  # time of the last write, likewise
         self.error: Exception | None = None
+        # O_APPEND writes: bytes whose offset is decided at commit time (the
+        # file's true end then, across all nodes), committed in write order.
+        self.appends = bytearray()
+        self._append_lock = trio.Lock()
 
     @property
     def dirty(self) -> bool:
-        return bool(self.active) or not self.last_done.is_set()
+        return bool(self.active) or not self.last_done.is_set() or bool(self.appends)
 
     def _freeze(self, sw: SliceWriter) -> None:
         if self.active.get(sw.indx) is sw:
@@ -191,6 +195,35 @@ class FileWriter:
             self.freeze_all()
             await self.budget.wait()
 
+    async def append(self, data) -> None:
+        """Buffer an O_APPEND write; a block's worth is committed at once."""
+        if self.error is not None:
+            raise OSError(errno.EIO, f"an earlier write to this file failed: {self.error}")
+        self.appends += data
+        self.budget.add(len(data))
+        self.mtime = time.time_ns()
+        if len(self.appends) >= self.bs:
+            await self._commit_appends()
+
+    async def _commit_appends(self) -> None:
+        async with self._append_lock:  # in write order, one record after another
+            while self.appends:
+                data = self.appends[:CHUNK_SIZE]
+                del self.appends[:len(data)]
+                try:
+                    sid = await self.meta.new_slice_id()
+                    async with trio.open_nursery() as n:
+                        for i in range(0, len(data), self.bs):
+                            n.start_soon(self._put_block, sid, i // self.bs, data[i:i + self.bs])
+                    length = await self.meta.append_slice(self.ino, sid, len(data))
+                finally:
+                    self.budget.release(len(data))
+                self.on_commit(self.ino, None, length)
+
+    async def _put_block(self, sid: int, bi: int, data) -> None:
+        async with self.upload_limiter:
+            await self.cache.put(block_key(self.volume, sid, bi, len(data)), data)
+
     def freeze_all(self) -> None:
         for sw in list(self.active.values()):
             self._freeze(sw)
@@ -198,6 +231,13 @@ class FileWriter:
     async def flush(self) -> None:
         self.freeze_all()
         await self.last_done.wait()
+        if self.appends and self.error is None:
+            try:
+                await self._commit_appends()
+            except OSError:
+                raise
+            except Exception as e:
+                self.error = self.error or e
         if self.error is not None:
             e, self.error = self.error, None
             raise OSError(errno.EIO, f"{os.strerror(errno.EIO)}: {e}")
