@@ -6,16 +6,26 @@ share a single fetch.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from typing import Awaitable, Callable
 
 import trio
 
+from ..storage import NotFound
 from .memory import MemoryCache
 from .stats import STATS
 
 log = logging.getLogger("jfscache.cache")
+
+
+class MissingBlock(OSError):
+    """The object store does not have a block a slice list names (EIO if it
+    reaches the application: the list was stale, or the data is lost)."""
+
+    def __init__(self, key: str):
+        super().__init__(errno.EIO, f"block {key} is missing from the object store")
 
 
 class _Flight:
@@ -46,7 +56,10 @@ class BlockCache:
 
     async def from_storage(self, key: str) -> bytes:
         t = time.perf_counter()
-        data = await self.storage.get(key)
+        try:
+            data = await self.storage.get(key)
+        except NotFound:
+            raise MissingBlock(key) from None
         STATS.observe_get(len(data), time.perf_counter() - t)
         return data
 

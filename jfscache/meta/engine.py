@@ -338,20 +338,23 @@ class Meta:
     async def read_chunk(self, ino: int, indx: int) -> list[Slice]:
         return [Slice.unpack(b) for b in await self.r.execute("LRANGE", f"c{ino}_{indx}", 0, -1)]
 
-    async def write_slice(self, ino: int, indx: int, s: Slice) -> int:
-        """Append a slice whose blocks are stored; returns the new file length."""
+    async def write_slice(self, ino: int, indx: int, s: Slice) -> tuple[int, int]:
+        """Append a slice whose blocks are stored; returns (the new file
+        length, how many slices the chunk has now)."""
         end = indx * CHUNK_SIZE + s.pos + s.len
         _check_size(end)
-        return int(await self._script(lua.WRITE, [f"i{ino}", f"c{ino}_{indx}", f"k{ino}"],
-                                      [s.pack(), end, _now(), self.capacity, indx]))
+        length, count = await self._script(lua.WRITE, [f"i{ino}", f"c{ino}_{indx}", f"k{ino}"],
+                                           [s.pack(), end, _now(), self.capacity, indx])
+        return int(length), int(count)
 
     async def append_slice(self, ino: int, sid: int, n: int) -> int:
         """Commit a stored slice of n bytes at the file's current end (atomic
         across nodes); returns the new length."""
         if n > CHUNK_SIZE:
             raise ValueError("an appended slice is at most one chunk")
-        return int(await self._script(lua.APPEND, [f"i{ino}", f"k{ino}"],
-                                      [sid, n, _now(), self.capacity, CHUNK_SIZE, MAX_FILE_SIZE, ino]))
+        length, _ = await self._script(lua.APPEND, [f"i{ino}", f"k{ino}"],
+                                       [sid, n, _now(), self.capacity, CHUNK_SIZE, MAX_FILE_SIZE, ino])
+        return int(length)
 
     # ---- deletion queues (drained by the background deleter, in batches) ---
     async def deleted_files(self, limit: int = 100) -> list[bytes]:
@@ -383,6 +386,32 @@ class Meta:
     async def forget_keys(self, keys: list[bytes]) -> None:
         if keys:
             await self.r.execute("DEL", *keys)
+
+    async def compact_commit(self, ino: int, indx: int, old: list[bytes], new: list[Slice]) -> bool:
+        """Replace the chunk's first len(old) slices, if they are still
+        exactly `old`, by `new`; False if the chunk changed meanwhile."""
+        return bool(await self._script(lua.COMPACT, [f"c{ino}_{indx}"],
+                                       [len(old), b"".join(old), b"".join(s.pack() for s in new),
+                                        int(time.time())]))
+
+    async def read_chunk_raw(self, ino: int, indx: int) -> list[bytes]:
+        return await self.r.execute("LRANGE", f"c{ino}_{indx}", 0, -1)
+
+    async def compacted_due(self, before: float, limit: int = 100) -> list[bytes]:
+        """Slices replaced by compactions before `before` (their grace is over)."""
+        return await self.r.execute("ZRANGEBYSCORE", "compacted", "-inf", before, "LIMIT", 0, limit)
+
+    async def forget_compacted(self, members: list[bytes]) -> None:
+        if members:
+            await self.r.execute("ZREM", "compacted", *members)
+
+    async def unref(self, sids: list[int]) -> list[int]:
+        """Drop one reference to each slice; the ids whose objects can go."""
+        if not sids:
+            return []
+        await self.r.execute("SCRIPT", "LOAD", lua.UNREF.source)
+        last = await self.r.pipeline([("EVALSHA", lua.UNREF.sha, 0, sid) for sid in sids])
+        return [sid for sid, gone in zip(sids, last) if gone]
 
     async def take_slices(self, limit: int = 100) -> list[Slice]:
         """Claim queued slices (format 1 truncates queued slices, not chunks)."""

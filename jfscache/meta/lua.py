@@ -25,6 +25,8 @@ Key space (one Redis database per volume):
   delfiles           zset: "<ino>:<length>" -> time; data waiting to be deleted
   delslices          list of packed slices whose blocks wait to be deleted
   delchunks          list of names of cut chunk lists (renamed c-keys) waiting to be deleted
+  compacted          zset: packed slice -> when a compaction replaced it; deleted after a grace period
+  sliceRef           hash: slice id -> extra references (an appended slice split over two chunks)
 
 Offsets and lengths stay below MAX_FILE_SIZE (2^50), where Lua's doubles are
 exact; numbers go back to Redis through num(), never through Lua's own
@@ -332,10 +334,10 @@ if e > old then
   redis.call('HSET', KEYS[1], 'length', ARGV[2])
   old = e
 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
+local count = redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[5])
 redis.call('HSET', KEYS[1], 'mtime', ARGV[3], 'ctime', ARGV[3])
-return num(old)
+return {num(old), count}
 """, idempotent=True)  # a second run appends the same slice again, which reads the same (newest wins) and changes no length or space
 
 # Commit appended bytes (one uploaded slice of n bytes) at the file's true end,
@@ -343,7 +345,8 @@ return num(old)
 # land, none over another. The slice is split over two chunks if it crosses
 # a chunk boundary (so it must be at most one chunk long).
 # KEYS: i<ino> k<ino>   ARGV: slice id, n, now, capacity, chunk size, max file size, ino
-# Returns the new length.
+# A slice split over two chunks is referenced twice (sliceRef): its objects are
+# deleted when both references are gone. Returns {new length, longest list}.
 APPEND = Script(_COMMON + r"""
 local a = redis.call('HMGET', KEYS[1], 'type', 'length')
 if not a[1] then return fail('ENOENT') end
@@ -356,19 +359,49 @@ if e > tonumber(ARGV[6]) then return fail('EFBIG') end
 local delta = align4k(e) - align4k(old)
 local cap = tonumber(ARGV[4])
 if cap > 0 and tonumber(redis.call('GET', 'usedSpace') or '0') + delta > cap then return fail('ENOSPC') end
-local done = 0
+local done, count = 0, 0
 while done < n do
   local indx = math.floor((old + done) / C)
   local pos = (old + done) % C
   local take = math.min(n - done, C - pos)
-  redis.call('RPUSH', 'c' .. ARGV[7] .. '_' .. num(indx),
-             struct.pack('>I4I8I4I4I4', pos, tonumber(ARGV[1]), n, done, take))
+  count = math.max(count, redis.call('RPUSH', 'c' .. ARGV[7] .. '_' .. num(indx),
+                                     struct.pack('>I4I8I4I4I4', pos, tonumber(ARGV[1]), n, done, take)))
   redis.call('ZADD', KEYS[2], num(indx), num(indx))
+  if done > 0 then redis.call('HINCRBY', 'sliceRef', ARGV[1], 1) end
   done = done + take
 end
 redis.call('INCRBY', 'usedSpace', num(delta))
 redis.call('HSET', KEYS[1], 'length', num(e), 'mtime', ARGV[3], 'ctime', ARGV[3])
-return num(e)
+return {num(e), count}
+""")
+
+# Replace the first k slices of a chunk (exactly those the compactor read;
+# slices appended since stay after them) with new slices holding what they
+# showed (packed, 24 bytes each, not overlapping). The old slices wait in `compacted` (score: when) for the deleter,
+# which leaves them a grace period: a reader that resolved the old list
+# before this can still fetch their blocks.
+# KEYS: c<ino>_<indx>   ARGV: k, the k packed slices concatenated, the new packed slices, now_s
+# Returns 1, or 0 when the chunk changed under the compactor (nothing done).
+COMPACT = Script(r"""
+local k = tonumber(ARGV[1])
+local old = redis.call('LRANGE', KEYS[1], 0, k - 1)
+if #old ~= k or table.concat(old) ~= ARGV[2] then return 0 end
+redis.call('LTRIM', KEYS[1], k, -1)
+for i = string.len(ARGV[3]) - 23, 1, -24 do
+  redis.call('LPUSH', KEYS[1], string.sub(ARGV[3], i, i + 23))
+end
+for _, s in ipairs(old) do
+  if struct.unpack('>I8', s, 5) ~= 0 then redis.call('ZADD', 'compacted', ARGV[4], s) end
+end
+return 1
+""")
+
+# One reference to a slice's objects goes away; 1 if it was the last (delete
+# them). Slices without a sliceRef entry have one reference.
+UNREF = Script(r"""
+local n = redis.call('HINCRBY', 'sliceRef', ARGV[1], -1)
+if n < 0 then redis.call('HDEL', 'sliceRef', ARGV[1]) return 1 end
+return 0
 """)
 
 # KEYS: i<ino> x<ino>   ARGV: name value now

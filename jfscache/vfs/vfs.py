@@ -20,7 +20,10 @@ import trio
 from ..layout import CHUNK_SIZE, MAX_FILE_SIZE, Segment, block_key, resolve, slice_block_keys
 from ..meta.engine import HEARTBEAT, ROOT_INODE, Attr, Meta, RedisUnavailable, Slice
 from ..cache.stats import STATS
+from ..cache.blocks import MissingBlock
+from .compact import COMPACT_AT, SLOW_AT, compact_chunk
 from .internal import NAMES, Internal
+from .reader import read_segments
 from .writer import FileWriter, WriteBudget
 
 log = logging.getLogger("jfscache.vfs")
@@ -57,6 +60,7 @@ class Options:
     max_uploads: int = 20
     buffer_size: int = 300 << 20
     prefetch: int = 8  # blocks ahead of a sequential reader, at most
+    compact_grace: float = 600.0  # seconds a compacted slice's objects outlive it (readers of old lists)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class VFS:
         self._delete_wakeup = trio.Event()
         self._fresh: dict[int, tuple] = {}  # inode -> (when, Attr, chunk 0's slices or None)
         self._no_xattr: dict[int, float] = {}  # inode -> until when it is known to have no xattrs
+        self._compacting: dict[tuple[int, int], trio.Event] = {}  # chunks being compacted
 
     # ---- lifecycle --------------------------------------------------------
     async def start(self, nursery: trio.Nursery) -> None:
@@ -146,18 +151,44 @@ class VFS:
             await self.meta.forget_keys([k for k, _ in cut])
             slices = await self.meta.take_slices()
             await self._delete_slices(slices)
-            if not files and not cut and not slices:
+            replaced = await self.meta.compacted_due(time.time() - self.opts.compact_grace)
+            await self._delete_slices([Slice.unpack(b) for b in replaced])
+            await self.meta.forget_compacted(replaced)
+            if not files and not cut and not slices and not replaced:
                 return
 
     async def _delete_slices(self, slices: list[Slice]) -> None:
-        for s in slices:
-            await self._delete_slice(s.id, s.size)
+        """Drop one reference per distinct slice entry (an entry sent twice
+        by a retried commit counts once); delete the objects of slices that
+        have none left."""
+        distinct = {(s.pos, s.id, s.size, s.off, s.len): s for s in slices if s.id}
+        sizes = {s.id: s.size for s in distinct.values()}
+        for sid in await self.meta.unref([s.id for s in distinct.values()]):
+            for key in slice_block_keys(self.volume, sid, sizes[sid], self.bs):
+                await self.cache.remove(key)
 
-    async def _delete_slice(self, sid: int, size: int) -> None:
-        if sid == 0:
-            return
-        for key in slice_block_keys(self.volume, sid, size, self.bs):
-            await self.cache.remove(key)
+    # ---- compaction -------------------------------------------------------
+    def _compact_soon(self, ino: int, indx: int) -> trio.Event:
+        """Compact a chunk in the background (once at a time per chunk);
+        returns an event set when it is done."""
+        done = self._compacting.get((ino, indx))
+        if done is None:
+            done = self._compacting[(ino, indx)] = trio.Event()
+            self.nursery.start_soon(self._compact, ino, indx, done)
+        return done
+
+    async def _compact(self, ino: int, indx: int, done: trio.Event) -> None:
+        try:
+            if await compact_chunk(self.meta, self.cache, self.volume, self.bs, ino, indx):
+                STATS.add("compactions")
+                of = self.files.get(ino)
+                if of is not None:
+                    of.chunks.pop(indx, None)
+        except Exception as e:  # the chunk stays as it was; the next write tries again
+            log.warning("compacting chunk %d of inode %d failed: %s", indx, ino, e)
+        finally:
+            del self._compacting[(ino, indx)]
+            done.set()
 
     # ---- attributes -------------------------------------------------------
     def _overlay(self, a: Attr) -> Attr:
@@ -329,8 +360,10 @@ class VFS:
                 upload_limiter=self.upload_limiter, nursery=self.nursery, on_commit=self._committed)
         return fw
 
-    def _committed(self, ino: int, indx: int | None, length: int) -> None:
-        """Slices of chunk `indx` (None: of any chunk, an append) were committed."""
+    def _committed(self, ino: int, indx: int | None, length: int, count: int = 0) -> trio.Event | None:
+        """Slices of chunk `indx` (None: of any chunk, an append) were
+        committed and the chunk now has `count` slices. Returns an event to
+        wait for when the writer must slow down for a compaction."""
         self._changed(ino)
         of = self.files.get(ino)
         if of is not None:
@@ -339,6 +372,10 @@ class VFS:
             else:
                 of.chunks.pop(indx, None)
             of.length = max(of.length, length)
+        if indx is not None and count >= COMPACT_AT:
+            done = self._compact_soon(ino, indx)
+            return done if count >= SLOW_AT else None
+        return None
 
     async def write(self, fh: int, off: int, data) -> int:
         h = self.handles[fh]
@@ -436,33 +473,15 @@ class VFS:
     async def _read_chunk(self, ino: int, indx: int, coff: int, n: int, of: _OpenFile) -> list:
         """The bytes [coff, coff+n) of a chunk as a list of buffers."""
         segs = await self._segments(ino, indx, of)
-        out = []
-        pos, end = coff, coff + n
-        bs = self.bs
-        for g in segs:
-            if g.end <= pos:
-                continue
-            if g.start >= end:
-                break
-            if g.start > pos:
-                out.append(bytes(g.start - pos))
-                pos = g.start
-            stop = min(end, g.end)
-            if g.sid == 0:
-                out.append(bytes(stop - pos))
-            else:
-                so = g.soff + (pos - g.start)
-                while pos < stop:
-                    bi, bo = divmod(so, bs)
-                    take = min(stop - pos, bs - bo)
-                    size = min(bs, g.ssize - bi * bs)
-                    out.append(await self.cache.read(block_key(self.volume, g.sid, bi, size), bo, take, size))
-                    pos += take
-                    so += take
-            pos = stop
-        if pos < end:
-            out.append(bytes(end - pos))
-        return out
+        try:
+            return await read_segments(self.cache, self.volume, self.bs, segs, coff, n)
+        except MissingBlock:
+            # The slice list this handle resolved is out of date: a compaction
+            # (past its grace period) or a truncate on another node removed a
+            # block it names. The chunk as it is now has the same bytes.
+            of.chunks.pop(indx, None)
+            segs = await self._segments(ino, indx, of)
+            return await read_segments(self.cache, self.volume, self.bs, segs, coff, n)
 
     def _readahead(self, h: Handle, of: _OpenFile, off: int, end: int) -> None:
         """Prefetch the blocks after a sequential reader, deeper as it keeps

@@ -130,8 +130,10 @@ class SliceWriter:
             await prev_done.wait()
             if fw.error is None and self.length:
                 s = Slice(self.pos, self.id, self.length, 0, self.length)
-                length = await fw.meta.write_slice(fw.ino, self.indx, s)
-                fw.on_commit(fw.ino, self.indx, length)
+                length, count = await fw.meta.write_slice(fw.ino, self.indx, s)
+                slow = fw.on_commit(fw.ino, self.indx, length, count)
+                if slow is not None:  # too many slices: wait for the compaction
+                    await slow.wait()
         except Exception as e:
             log.error("commit of slice %d of inode %d failed: %s", self.id, fw.ino, e)
             fw.error = fw.error or e
