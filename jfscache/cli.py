@@ -516,6 +516,97 @@ def _print_warmup(r: dict) -> None:
                    f"{r['errors']} errors")
 
 
+# ---- fsck and gc ------------------------------------------------------------
+def _with_volume(meta_url: str, fn):
+    """Run fn(meta, storage) against a volume, without a mount."""
+    from .daemon import open_storage
+    from .meta.engine import Meta
+    from .storage import run_with_loop
+
+    async def run():
+        meta = Meta(meta_url)
+        try:
+            storage = open_storage(await meta.load())
+            try:
+                return await fn(meta, storage)
+            finally:
+                await storage.close()
+        finally:
+            await meta.aclose()
+
+    return run_with_loop(run)
+
+
+@cli.command()
+@click.argument("meta_url")
+@click.option("--repair", is_flag=True, help="fix counters, dangling entries, dead sessions and leaked chunk lists")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def fsck(meta_url, repair, as_json):
+    """Check a volume: blocks missing from the store, slices no file
+    references, used-space and inode counters, dangling directory entries,
+    sessions whose owners died. Exit status 1 if problems remain.
+
+    Example: jfscache fsck redis://meta:6379/1 --repair"""
+    from . import maintenance
+
+    report = _with_volume(meta_url, lambda meta, storage: maintenance.fsck(meta, storage, repair))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"{report['files']} files, {report['inodes']} inodes, {report['chunks']} chunks, "
+                   f"{report['slices']} slices: {report['problems']} problems")
+        for m in report["missing_blocks"]:
+            click.echo(f"  missing from the store: inode {m['inode']} chunk {m['chunk']} slice {m['slice']}"
+                       + (f" block {m['block']}" if "block" in m else ""))
+        for k in report["leaked_chunk_lists"]:
+            click.echo(f"  leaked chunk list (no file): {k}")
+        for d in report["dangling_entries"]:
+            click.echo(f"  dangling entry: '{d['name']}' in directory inode {d['dir']}")
+        for key in ("used_space", "total_inodes"):
+            c = report[key]
+            if c["counter"] != c["actual"]:
+                click.echo(f"  {key.replace('_', ' ')} counter is {c['counter']}, should be {c['actual']}")
+        for sid in report["dead_sessions"]:
+            click.echo(f"  dead session {sid} (its owner stopped heartbeating)")
+        for line in report.get("repaired", []):
+            click.echo(f"  repaired: {line}")
+    if report["problems"] and not report.get("repaired"):
+        sys.exit(1)
+    if report["missing_blocks_count"]:
+        sys.exit(1)  # no repair brings lost data back
+
+
+@cli.command()
+@click.argument("meta_url")
+@click.option("--dry-run", is_flag=True, help="only report what would be deleted")
+@click.option("--compact", is_flag=True, help="also rewrite every chunk of more than one slice as one")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def gc(meta_url, dry_run, compact, as_json):
+    """Delete objects that no file references (leaked by crashes or failed
+    writes) and, with --compact, defragment every chunk. An unreferenced
+    object is deleted only if its slice was created before the previous gc
+    run, so an upload in progress is never taken for garbage.
+
+    Example: jfscache gc redis://meta:6379/1 --dry-run"""
+    from . import maintenance
+    from .cache.blocks import BlockCache
+
+    async def run(meta, storage):
+        return await maintenance.gc(meta, storage, BlockCache(storage, 64 << 20), dry_run, compact)
+
+    report = _with_volume(meta_url, run)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    if "compacted_chunks" in report:
+        click.echo(f"compacted {report['compacted_chunks']} chunks")
+    click.echo(f"{report['objects']} objects; {report['orphan_slices']} unreferenced slices, "
+               f"{report['deletable_slices']} of them old enough ({report['deletable_bytes'] / 2**20:.1f} MiB)"
+               + (" would be deleted" if dry_run else f": {report.get('deleted_objects', 0)} objects deleted")
+               + (f"; {report['kept_recent_slices']} newer ones kept for the next run"
+                  if report["kept_recent_slices"] else ""))
+
+
 # ---- group ------------------------------------------------------------------
 @cli.group()
 def group():
