@@ -172,6 +172,9 @@ def status(meta_url):
               help="seconds the objects of compacted slices are kept for readers of old slice lists")
 @click.option("--meta-timeout", default=60.0, show_default=True, type=click.FloatRange(1, 86400),
               help="seconds a metadata operation waits for an unreachable Redis before it fails with EIO")
+@click.option("--meta-wait-replicas", default=0, show_default=True, type=click.IntRange(0, 16),
+              help="strict mode: each metadata change waits (WAIT) until this many Redis replicas have it, "
+                   "else fails with EIO")
 @click.option("--cache-group", help="join this cache group: blocks are shared with its members")
 @click.option("--group-listen", default="0.0.0.0:9750", show_default=True,
               help="HOST:PORT where this member serves blocks to its peers")
@@ -184,7 +187,7 @@ def status(meta_url):
 @click.option("--log", "log_file", help="log file (default for -d: <cache dir>/jfscache.log)")
 @click.option("--debug", is_flag=True, help="debug logging")
 def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer_size, max_uploads, prefetch,
-          attr_timeout, entry_timeout, read_ahead_kb, compact_grace, meta_timeout, cache_group, group_listen, group_weight, group_timeout,
+          attr_timeout, entry_timeout, read_ahead_kb, compact_grace, meta_timeout, meta_wait_replicas, cache_group, group_listen, group_weight, group_timeout,
           no_sharing, background, log_file, debug):
     """Mount a volume. Without META_URL, mount the embedded default volume
     (a private redis-server and a local block directory under ~/.local/state/jfscache)."""
@@ -220,7 +223,7 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
     cfg = MountConfig(meta_url=meta_url, mountpoint=mountpoint, cache_dirs=list(cache_dirs),
                       cache_size=parse_size(cache_size, "M"), free_space_ratio=free_space_ratio,
                       mem_cache_size=parse_size(mem_cache_size, "M"), read_ahead_kb=read_ahead_kb, opts=opts,
-                      meta_timeout=meta_timeout)
+                      meta_timeout=meta_timeout, meta_wait_replicas=meta_wait_replicas)
     if cache_group:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cache_group):
             raise Failure(f"invalid --cache-group {cache_group!r}: use letters, digits, '.', '_' and '-'")

@@ -35,6 +35,7 @@ class MountConfig:
     allow_other: bool | None = None  # None: when running as root
     group: GroupOptions | None = None  # member of a cache group
     meta_timeout: float = 60.0  # how long metadata operations wait for an unreachable Redis
+    meta_wait_replicas: int = 0  # strict mode: every mutation waits for this many Redis replicas
 
 
 def open_storage(settings: dict):
@@ -66,6 +67,7 @@ async def _serve(cfg: MountConfig) -> None:
         stack.push_async_callback(meta.aclose)
         settings = await meta.load()
         meta.r.timeout = cfg.meta_timeout  # Redis answered: from now on, outages are waited out
+        meta.r.wait_replicas = cfg.meta_wait_replicas
         storage = open_storage(settings)
         stack.push_async_callback(storage.close)
         await storage.check()

@@ -66,7 +66,7 @@ local ino = string.sub(e, 2)
 local chunk = {}
 if string.sub(e, 1, 1) == 'f' then chunk = redis.call('LRANGE', 'c' .. ino .. '_0', 0, -1) end
 return {e, """ + _HMGET % "'i' .. ino" + """, chunk}
-""", idempotent=True)  # read-only
+""", read_only=True)
 
 # KEYS: i<parent> d<parent> i<ino>
 # ARGV: name ino type mode uid gid rdev now target max_inodes parent

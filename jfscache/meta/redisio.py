@@ -43,6 +43,33 @@ class RedisUnavailable(OSError):
         return self.strerror
 
 
+_READ_ONLY = {b"GET", b"HGET", b"HMGET", b"HGETALL", b"HKEYS", b"HLEN", b"HEXISTS", b"LRANGE", b"LLEN", b"ZRANGE",
+              b"ZRANGEBYSCORE", b"ZSCORE", b"ZCARD", b"EXISTS", b"SCAN", b"PING", b"ROLE", b"INFO", b"SCRIPT"}
+
+
+def _sentinels(url: str) -> tuple[str, list[tuple[str, int]]] | None:
+    """A Sentinel URL, as JuiceFS writes them:
+    redis://[:PASSWORD@]MASTER_NAME,HOST[:PORT][,HOST[:PORT]...][:PORT][/DB]
+    -> (master name, sentinel addresses); None for a plain URL."""
+    from urllib.parse import urlsplit
+    netloc = urlsplit(url).netloc.rpartition("@")[2]
+    if "," not in netloc:
+        return None
+    parts = netloc.split(",")
+    name, hosts = parts[0], parts[1:]
+    default = 26379
+    last_host, _, last_port = hosts[-1].rpartition(":")
+    if last_host and last_port.isdigit():
+        default = int(last_port)
+    out = []
+    for h in hosts:
+        host, _, port = h.rpartition(":")
+        out.append((host, int(port)) if host and port.isdigit() else (h, default))
+    if not name or not out:
+        raise ValueError(f"invalid Redis Sentinel URL (example: redis://mymaster,10.0.0.1,10.0.0.2:26379/1)")
+    return name, out
+
+
 def _parse(url: str) -> dict:
     """redis-py's URL parsing, minus its silence about a bad database number
     (it falls back to db 0, which would mount the wrong volume)."""
@@ -54,6 +81,11 @@ def _parse(url: str) -> dict:
     for db in parse_qs(u.query).get("db", []):
         if not db.isdigit():
             raise ValueError(f"invalid Redis URL: database {db!r} is not a number (example: redis://host:6379/1)")
+    if _sentinels(url):
+        # redis-py knows no Sentinel URLs: parse the rest with one sentinel as host.
+        netloc = u.netloc
+        auth, _, hosts = netloc.rpartition("@")
+        url = u._replace(netloc=(auth + "@" if auth else "") + "sentinel").geturl()
     try:
         return parse_url(url)
     except ValueError as e:
@@ -63,6 +95,10 @@ def _parse(url: str) -> dict:
 def describe(url: str) -> str:
     """The URL without its password, for messages."""
     opts = _parse(url)
+    sentinel = _sentinels(url)
+    if sentinel:
+        return (f"master '{sentinel[0]}' of Sentinels {','.join(f'{h}:{p}' for h, p in sentinel[1])} "
+                f"db {opts.get('db', 0)}")
     if opts.get("path"):
         return f"unix:{opts['path']} db {opts.get('db', 0)}"
     return f"{opts.get('host', 'localhost')}:{opts.get('port', 6379)} db {opts.get('db', 0)}"
@@ -74,10 +110,11 @@ class Script:
     and those whose second run finds the work done), so it may be sent
     again when its reply was lost; other scripts then fail with EIO."""
 
-    def __init__(self, source: str, idempotent: bool = False):
+    def __init__(self, source: str, idempotent: bool = False, read_only: bool = False):
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
-        self.idempotent = idempotent
+        self.idempotent = idempotent or read_only
+        self.read_only = read_only
 
 
 class _Conn:
@@ -134,6 +171,11 @@ class Redis:
         self._db = int(opts.get("db", 0) or 0)
         self._username = opts.get("username")
         self._password = opts.get("password")
+        self._sentinel = _sentinels(url)
+        # Strict mode (--meta-wait-replicas): each mutation is followed, in
+        # the same round trip, by WAIT for this many replicas.
+        self.wait_replicas = 0
+        self.wait_ms = 1000
         self._idle: list[_Conn] = []
         self._max_idle = max_idle
         self._connect_timeout = connect_timeout
@@ -148,7 +190,8 @@ class Redis:
                 if self._path:
                     stream = await trio.open_unix_socket(self._path)
                 else:
-                    stream = await trio.open_tcp_stream(self._host, self._port)
+                    host, port = await self._master() if self._sentinel else (self._host, self._port)
+                    stream = await trio.open_tcp_stream(host, port)
                     stream.setsockopt(6, 1, 1)  # TCP_NODELAY: requests are tiny and latency-bound
                 conn = _Conn(stream)
                 setup = []
@@ -157,17 +200,43 @@ class Redis:
                     setup.append(auth)
                 if self._db:
                     setup.append(("SELECT", self._db))
+                if self._sentinel:
+                    setup.append(("ROLE",))
                 if setup:
                     replies = await conn.roundtrip(b"".join(hiredis.pack_command(c) for c in setup), len(setup))
                     for r in replies:
                         if isinstance(r, hiredis.ReplyError):
                             await stream.aclose()
                             raise RedisUnavailable(f"Redis at {self.where} refused the connection: {r}")
+                    if self._sentinel and replies[-1][0] != b"master":
+                        # A failover in progress: the Sentinels still name a replica.
+                        await stream.aclose()
+                        raise RedisUnavailable(f"Redis at {self.where}: the Sentinels' master is a replica now")
                 return conn
         except trio.TooSlowError:
             raise RedisUnavailable(f"Redis at {self.where} does not answer (timed out after {self._connect_timeout:g} s)") from None
         except OSError as e:
             raise RedisUnavailable(f"cannot connect to Redis at {self.where}: {e.strerror or e}") from None
+
+    async def _master(self) -> tuple[str, int]:
+        """The master's address, from the first Sentinel that knows it."""
+        name, sentinels = self._sentinel
+        errors = []
+        for host, port in sentinels:
+            try:
+                with trio.fail_after(1):
+                    stream = await trio.open_tcp_stream(host, port)
+                    try:
+                        (addr,) = await _Conn(stream).roundtrip(
+                            hiredis.pack_command(("SENTINEL", "get-master-addr-by-name", name)), 1)
+                    finally:
+                        await stream.aclose()
+                if isinstance(addr, list) and len(addr) == 2:
+                    return addr[0].decode(), int(addr[1])
+                errors.append(f"{host}:{port} does not know master '{name}'")
+            except (OSError, trio.TooSlowError) as e:
+                errors.append(f"{host}:{port}: {getattr(e, 'strerror', None) or e or 'timed out'}")
+        raise OSError(errno.EHOSTUNREACH, "no Sentinel answered: " + "; ".join(errors))
 
     def _outage(self, e: Exception) -> None:
         """One log line per outage, not one per operation."""
@@ -187,13 +256,17 @@ class Redis:
             c.close()
         self._idle.clear()
 
-    async def _run(self, packed: bytes, n: int, resend: bool) -> list:
+    async def _run(self, packed: bytes, n: int, resend: bool, mutates: bool = False) -> list:
         """Send, read n replies. Failures to connect are retried until the
         timeout. A connection that breaks after the request went out is
         retried only when `resend`: Redis may have applied it, and a second
         INCR or script run would apply it twice."""
         deadline = time.monotonic() + self.timeout
         delay = 0.05
+        wait = mutates and self.wait_replicas > 0
+        if wait:
+            packed += hiredis.pack_command(("WAIT", self.wait_replicas, self.wait_ms))
+            n += 1
         while True:
             conn = None
             while self._idle:
@@ -228,15 +301,32 @@ class Redis:
                 # A connection interrupted mid-reply has unread bytes: never reuse it.
                 conn.close()
                 raise
+            if any(isinstance(r, hiredis.ReplyError) and str(r).startswith(("READONLY", "LOADING"))
+                   for r in replies):
+                # A replica (after a failover) or a Redis still loading its data:
+                # nothing was applied, so trying again is safe for any command.
+                conn.close()
+                self._drop_idle()
+                self._outage(RedisError(str(next(r for r in replies if isinstance(r, hiredis.ReplyError)))))
+                if time.monotonic() + delay > deadline:
+                    raise RedisUnavailable(f"Redis at {self.where} is not a writable master")
+                await trio.sleep(delay)
+                delay = min(1.0, delay * 2)
+                continue
             self._back()
             if len(self._idle) < self._max_idle:
                 self._idle.append(conn)
             else:
                 conn.close()
+            if wait:
+                acked = replies.pop()
+                if isinstance(acked, int) and acked < self.wait_replicas:
+                    raise RedisUnavailable(f"a change was applied on the Redis master but only {acked} of "
+                                           f"{self.wait_replicas} replicas confirmed it within {self.wait_ms} ms")
             return replies
 
     async def execute(self, *args):
-        (reply,) = await self._run(hiredis.pack_command(args), 1, _resendable(args))
+        (reply,) = await self._run(hiredis.pack_command(args), 1, _resendable(args), _mutates(args))
         if isinstance(reply, hiredis.ReplyError):
             raise RedisError(str(reply))
         return reply
@@ -246,7 +336,8 @@ class Redis:
         if not commands:
             return []
         packed = b"".join(hiredis.pack_command(c) for c in commands)
-        replies = await self._run(packed, len(commands), all(map(_resendable, commands)))
+        replies = await self._run(packed, len(commands), all(map(_resendable, commands)),
+                                  any(map(_mutates, commands)))
         for r in replies:
             if isinstance(r, hiredis.ReplyError):
                 raise RedisError(str(r))
@@ -254,10 +345,11 @@ class Redis:
 
     async def eval(self, script: Script, keys: list, args: list):
         cmd = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        (reply,) = await self._run(hiredis.pack_command(cmd), 1, script.idempotent)
+        mutates = not script.read_only
+        (reply,) = await self._run(hiredis.pack_command(cmd), 1, script.idempotent, mutates)
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             await self.execute("SCRIPT", "LOAD", script.source)
-            (reply,) = await self._run(hiredis.pack_command(cmd), 1, script.idempotent)
+            (reply,) = await self._run(hiredis.pack_command(cmd), 1, script.idempotent, mutates)
         if isinstance(reply, hiredis.ReplyError):
             raise RedisError(str(reply))
         return reply
@@ -266,7 +358,14 @@ class Redis:
         self._drop_idle()
 
 
+def _name(cmd: tuple) -> bytes:
+    return (cmd[0] if isinstance(cmd[0], bytes) else str(cmd[0]).encode()).upper()
+
+
 def _resendable(cmd: tuple) -> bool:
-    name = cmd[0] if isinstance(cmd[0], bytes) else str(cmd[0]).encode()
-    return name.upper() not in _NOT_IDEMPOTENT
+    return _name(cmd) not in _NOT_IDEMPOTENT
+
+
+def _mutates(cmd: tuple) -> bool:
+    return _name(cmd) not in _READ_ONLY
 
