@@ -155,6 +155,10 @@ class Operations(pyfuse3.Operations):
         await self.vfs.fsync(fh)
 
     @_errors
+    async def fallocate(self, fh, mode, offset, length):
+        await self.vfs.fallocate(fh, mode, offset, length)
+
+    @_errors
     async def release(self, fh):
         await self.vfs.release(fh)
 

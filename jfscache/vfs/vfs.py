@@ -28,6 +28,7 @@ from .writer import FileWriter, WriteBudget
 
 log = logging.getLogger("jfscache.vfs")
 
+FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE = 0x01, 0x02, 0x10  # linux/falloc.h
 # POSIX ACLs are not implemented: answering EOPNOTSUPP for them (as a file
 # system mounted without ACL support does) makes cp -a, rsync -A and tar
 # fall back to chmod. Storing them as plain xattrs would "succeed", and those
@@ -412,6 +413,37 @@ class VFS:
         finally:
             if not fw.dirty and self.writers.get(ino) is fw:
                 del self.writers[ino]
+
+    async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+        """fallocate(2) with ext4's semantics for the modes the kernel sends:
+        0 (extend the size, new bytes read as zeros), KEEP_SIZE (nothing to
+        reserve in an object store), PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE
+        [|KEEP_SIZE] (the range reads as zeros: a zero slice, no upload)."""
+        h = self.handles[fh]
+        if h.internal is not None:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        if mode & ~(FALLOC_KEEP_SIZE | FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE) or (
+                mode & FALLOC_PUNCH_HOLE and mode & FALLOC_ZERO_RANGE):
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        if off < 0 or length <= 0:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        end = off + length
+        if end > MAX_FILE_SIZE:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        await self._flush_ino(h.ino)  # buffered writes land first, as they were issued first
+        size = (await self.meta.getattr(h.ino)).length
+        if mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE):
+            zero_end = end if not mode & FALLOC_KEEP_SIZE else min(end, size)
+            pos = off
+            while pos < zero_end:
+                indx, coff = divmod(pos, CHUNK_SIZE)
+                n = min(zero_end - pos, CHUNK_SIZE - coff)
+                new_len, _ = await self.meta.write_slice(h.ino, indx, Slice(coff, 0, 0, 0, n))
+                self._committed(h.ino, indx, new_len)
+                pos += n
+        if not mode & FALLOC_KEEP_SIZE and end > size:
+            await self.setattr(h.ino, size=end)
+        self._changed(h.ino)
 
     async def fsync(self, fh: int) -> None:
         await self.flush(fh)
