@@ -79,13 +79,14 @@ class Membership:
         self.weight = weight if address else 0.0
         self.timeout = timeout
         self.id = address or f"client:{socket.gethostname()}:{os.getpid()}"
+        self.joined = time.time()
 
     async def beat(self, info: dict) -> list[Member]:
         """Heartbeat with this node's current figures; returns the live members."""
         beat, key = _keys(self.group)
         now = time.time()
         record = dict(info, address=self.address, weight=self.weight, host=socket.gethostname(),
-                      pid=os.getpid())
+                      pid=os.getpid(), joined=self.joined)
         await self.r.pipeline([("ZADD", beat, now, self.id), ("HSET", key, self.id, json.dumps(record)),
                                # Long-dead members are forgotten, so status does not list them forever.
                                ("ZREMRANGEBYSCORE", beat, "-inf", now - max(3600.0, 10 * self.timeout))])

@@ -33,6 +33,9 @@ from .ring import Ring
 log = logging.getLogger(__name__)
 
 
+SETTLE = 60.0  # seconds after which a joined member counts as holding its share of blocks
+
+
 class GroupError(Exception):
     """A cache group cannot be joined (one line, for the CLI)."""
 
@@ -82,6 +85,7 @@ class GroupNode:
         self.membership: Membership | None = None
         self.ring = Ring({})
         self.prev_ring: Ring | None = None
+        self.settled = Ring({})
         self.members: list[Member] = []
         self.id = ""
         self._warned: dict[str, float] = {}
@@ -109,16 +113,20 @@ class GroupNode:
     async def fetch_as_owner(self, key: str) -> bytes:
         """A peer asked this node to fill a block, or this node owns it.
         Before the object store, ask (without fill, so a request never
-        bounces between members) the owner by this node's current ring, if
+        bounces between members): the owner by this node's current ring, if
         that is another member (rings briefly differ while membership
-        changes), and the owner before the last change (after a join, the
-        group already holds what the new owner misses)."""
-        candidates = [self.ring.owner(key)]
+        changes); the owner among the members that joined over SETTLE
+        seconds ago, and the owner before the last ring change (after a
+        join, the group already holds what the new owner misses)."""
+        candidates = [self.ring.owner(key), self.settled.owner(key)]
         if self.prev_ring is not None:
             candidates.append(self.prev_ring.owner(key))
         asked = {None, self.id}
+        live = {m.id for m in self.members}
         for peer in candidates:
-            if peer in asked or not self.client.available(peer):
+            # A member that left is not asked: it is gone, or it restarted
+            # with an empty cache.
+            if peer in asked or peer not in live or not self.client.available(peer):
                 continue
             asked.add(peer)
             try:
@@ -196,6 +204,11 @@ class GroupNode:
     def _update(self, members: list[Member]) -> None:
         self.members = members
         ring = Ring({m.id: m.weight for m in members if m.sharing})
+        # The ring of members that joined over SETTLE seconds ago: when many
+        # join at once (a scale-up), their blocks are with those members, and
+        # one ring change later (prev_ring) would already name a joiner.
+        cutoff = time.time() - SETTLE
+        self.settled = Ring({m.id: m.weight for m in members if m.sharing and m.info.get("joined", 0) <= cutoff})
         STATS.c["group_members"] = len(ring)
         if ring != self.ring:
             joined = set(ring.members) - set(self.ring.members)
