@@ -172,3 +172,30 @@ def test_huge_sparse_file_is_cut_without_blocking_redis(how, mnt, mnt_volume, re
             fh.truncate(MAX_FILE_SIZE)
             fh.seek(off)
             assert fh.read(len(data)) == bytes(len(data))
+
+
+def test_listing_cached_by_the_kernel_sees_other_nodes_changes(make_volume, mount_volume):
+    """Repeated listings may come from the kernel's cache (patched pyfuse3),
+    but another node's create, unlink and rename show within the attribute
+    timeout, and a stat pass over an old listing never returns a stale entry."""
+    needs_mount()
+    vol = make_volume("file")
+    a, b = mount_volume(vol), mount_volume(vol)
+    d = a.path / "d"
+    d.mkdir()
+    for i in range(300):
+        (d / f"f{i:03d}").write_bytes(b"x")
+    assert len(os.listdir(b.path / "d")) == 300
+    assert len(os.listdir(b.path / "d")) == 300   # (served from the cache)
+    (d / "new").write_bytes(b"new")
+    os.unlink(d / "f000")
+    os.rename(d / "f001", d / "g001")
+    time.sleep(1.5)   # the attribute timeout (1 s)
+    names = set(os.listdir(b.path / "d"))
+    assert {"new", "g001"} <= names and not {"f000", "f001"} & names
+    os.unlink(d / "f002")
+    time.sleep(1.5)
+    for name in sorted(names - {"f002"}):   # a stat pass (ls -l) over the old listing: fresh answers
+        os.stat(b.path / "d" / name)
+    with pytest.raises(FileNotFoundError):
+        os.stat(b.path / "d" / "f002")

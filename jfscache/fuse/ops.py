@@ -13,6 +13,7 @@ import stat
 import pyfuse3
 
 log = logging.getLogger("jfscache.fuse")
+_CACHE_READDIR = hasattr(pyfuse3.FileInfo(), "cache_readdir")
 
 TYPE_CHAR = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFIFO: "p",
              stat.S_IFCHR: "c", stat.S_IFBLK: "b", stat.S_IFSOCK: "s"}
@@ -164,7 +165,10 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def opendir(self, inode, ctx):
-        return await self.vfs.opendir(inode)
+        fh = await self.vfs.opendir(inode)
+        if _CACHE_READDIR:  # the patched pyfuse3 (.ci/patches): repeated listings come from the kernel
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
+        return fh
 
     @_errors
     async def readdir(self, fh, start_id, token):

@@ -260,6 +260,14 @@ class Meta:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
         return Attr.from_fields(int(res[0][1:]), res[1]), [Slice.unpack(b) for b in res[2]]
 
+    async def lookup_many(self, parent: int, names: list[bytes]) -> list[Attr | None]:
+        """Entries and attributes of many names of one directory, in two
+        round trips (None where a name or its inode is gone)."""
+        entries = await self.r.execute("HMGET", f"d{parent}", *names)
+        inos = [int(e[1:]) for e in entries if e is not None]
+        attrs = iter(await self.getattrs(inos))
+        return [next(attrs) if e is not None else None for e in entries]
+
     async def mknod(self, parent: int, name: bytes, typ: str, mode: int, uid: int, gid: int,
                     rdev: int = 0, target: bytes = b"") -> Attr:
         _check_name(name)

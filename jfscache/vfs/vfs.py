@@ -40,6 +40,7 @@ ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 # open() then cost one round trip instead of three.
 FRESH = 0.1
 INTERNAL = frozenset(NAMES.values())  # inodes of the virtual files
+LIST_AHEAD = 256  # attributes fetched per round trip in a stat pass over a listing
 
 
 @dataclass
@@ -93,6 +94,9 @@ class VFS:
         self._delete_wakeup = trio.Event()
         self._fresh: dict[int, tuple] = {}  # inode -> (when, Attr, chunk 0's slices or None)
         self._no_xattr: dict[int, float] = {}  # inode -> until when it is known to have no xattrs
+        self._listed: dict[int, tuple[list[int], int]] = {}  # inode -> (its last listing's inodes, position)
+        self._listed_names: dict[tuple[int, bytes], tuple[list[bytes], int]] = {}  # likewise, by (dir, name)
+        self._entries: dict[int, dict[bytes, tuple[float, Attr]]] = {}  # dir -> name -> (when looked up, Attr)
         self._compacting: dict[tuple[int, int], trio.Event] = {}  # chunks being compacted
 
     # ---- lifecycle --------------------------------------------------------
@@ -215,9 +219,11 @@ class VFS:
         return a
 
     def _changed(self, *inos: int) -> None:
-        """This node changed these inodes: forget their remembered attributes."""
+        """This node changed these inodes: forget their remembered attributes
+        (and, for directories, the entries remembered in them)."""
         for ino in inos:
             self._fresh.pop(ino, None)
+            self._entries.pop(ino, None)
 
     def _recent(self, ino: int) -> tuple | None:
         seen = self._fresh.get(ino)
@@ -231,12 +237,42 @@ class VFS:
         seen = self._recent(ino)
         if seen is not None:  # e.g. the fstat() that follows an open()
             return self._overlay(seen[1])
+        listed = self._listed.get(ino)
+        if listed is not None:
+            # A stat pass over a listing (ls -l of a listing the kernel had
+            # cached, or of one so long that the attributes readdirplus gave
+            # expired): fetch the next entries' attributes too, in one round
+            # trip; the following getattr()s find them fresh (FRESH).
+            inos, i = listed
+            for a in await self.meta.getattrs(inos[i:i + LIST_AHEAD]):
+                if a is not None:
+                    self._saw(a)
+            seen = self._recent(ino)
+            if seen is not None:
+                return self._overlay(seen[1])
         return self._overlay(self._saw(await self.meta.getattr(ino)))
 
     async def lookup(self, parent: int, name: bytes) -> Attr:
         ino = self.internal.lookup(parent, name)
         if ino is not None:
             return self.internal.attr(ino)
+        seen = self._entries.get(parent, {}).get(name)
+        if seen is None:
+            listed = self._listed_names.get((parent, name))
+            if listed is not None:
+                # A stat pass over a listing the kernel served from its cache
+                # (its entries expired): look the next names up too, in one
+                # go; the following lookups find them fresh.
+                names, i = listed
+                batch = names[i:i + LIST_AHEAD]
+                now = time.monotonic()
+                known = self._entries.setdefault(parent, {})
+                for n, a in zip(batch, await self.meta.lookup_many(parent, batch)):
+                    if a is not None:
+                        known[n] = (now, self._saw(a))
+                seen = known.get(name)
+        if seen is not None and time.monotonic() - seen[0] < FRESH and self._recent(seen[1].ino) is not None:
+            return self._overlay(self._recent(seen[1].ino)[1])
         return self._overlay(self._saw(*await self.meta.lookup(parent, name)))
 
     async def setattr(self, ino: int, *, size: int | None = None, **fields) -> Attr:
@@ -564,6 +600,10 @@ class VFS:
 
     # ---- directories ------------------------------------------------------
     async def opendir(self, ino: int) -> int:
+        """A directory handle. The kernel may cache the listing (fuse/ops.py):
+        it drops it when this mount changes the directory, and when the
+        directory's mtime has changed once its attributes expire, so another
+        node's change shows within the attribute timeout, as for files."""
         return self._new_handle(ino, 0)
 
     async def readdir(self, fh: int, start: int, count: int = 512) -> list[tuple[bytes, Attr, int]]:
@@ -576,6 +616,14 @@ class VFS:
             parent, ents = await self.meta.readdir(h.ino)
             h.entries = [(b".", h.ino, "d"), (b"..", parent or ROOT_INODE, "d")] + ents
             h.attrs = {}
+            if len(self._listed) + len(ents) > 1_000_000:
+                self._listed.clear()
+                self._listed_names.clear()
+                self._entries.clear()
+            inos = [ino for _, ino, _ in ents]
+            names = [name for name, _, _ in ents]
+            self._listed.update((ino, (inos, i)) for i, ino in enumerate(inos))
+            self._listed_names.update(((h.ino, name), (names, i)) for i, name in enumerate(names))
         out = []
         i, n = start, len(h.entries)
         while i < n and len(out) < count:
