@@ -10,6 +10,7 @@ cannot hang the suite.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -983,3 +984,55 @@ def first_diff(a: bytes | memoryview, b: bytes | memoryview) -> int:
                     return i
         lo = hi
     return n
+
+
+class FsyncWriter:
+    """A thread that writes new files into `root` and fsyncs each, while a
+    test breaks something (Redis restarts, a failover). `written` holds what
+    was acknowledged; an operation may fail only with EIO (a change whose
+    reply was lost), and those names go to `failed`. With `verify`, it also
+    reads back earlier files as it goes."""
+
+    def __init__(self, root: Path, verify: bool = False):
+        self.root, self.verify = Path(root), verify
+        self.written: dict[str, bytes] = {}
+        self.failed: list[str] = []
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        i = 0
+        try:
+            while not self._stop.is_set():
+                name, data = f"f{i:04d}", os.urandom(50_000 + i * 997 % MiB)
+                try:
+                    with open(self.root / name, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    self.written[name] = data
+                    old = f"f{i // 2:04d}"
+                    if self.verify and old in self.written:
+                        assert (self.root / old).read_bytes() == self.written[old], f"{old} differs"
+                except OSError as e:
+                    assert e.errno == errno.EIO, e
+                    self.failed.append(name)
+                i += 1
+        except BaseException as e:  # reported by __exit__ in the test's thread
+            self.errors.append(e)
+
+    def __enter__(self) -> "FsyncWriter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(120)
+        if self.errors:
+            raise self.errors[0]
+
+    def wait_more(self, n: int, timeout: float = 90) -> None:
+        target = len(self.written) + n
+        wait_for(lambda: len(self.written) >= target or self.errors, timeout=timeout,
+                 what=f"{n} more fsync'd files")

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 import time
 
 import pytest
 
-from helpers import MiB, RedisServer, assert_ok, new_dir, run_cli, wait_for
+from helpers import FsyncWriter, RedisServer, assert_ok, new_dir, run_cli, wait_for
 
 pytestmark = pytest.mark.usefixtures("_no_plain_dir")
 
@@ -39,43 +38,12 @@ def _mount(own_redis, mounts, tmp_dir, *extra):
 
 def test_redis_restart_mid_workload(own_redis, mounts, tmp_dir):
     m = _mount(own_redis, mounts, tmp_dir)
-    written: dict[str, bytes] = {}
-    failed: list[str] = []
-    stop = threading.Event()
-
-    def writer():
-        i = 0
-        while not stop.is_set():
-            name, data = f"f{i:04d}", os.urandom(100_000 + i * 997 % MiB)
-            try:
-                fd = os.open(m.path / name, os.O_WRONLY | os.O_CREAT, 0o644)
-                try:
-                    os.write(fd, data)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                written[name] = data
-                # and read something back while we are at it
-                old = f"f{i // 2:04d}"
-                if old in written:
-                    assert (m.path / old).read_bytes() == written[old], f"{old} differs"
-            except OSError as e:
-                # Only a mutation whose reply was lost in the restart may fail (EIO).
-                assert e.errno == errno.EIO, e
-                failed.append(name)
-            i += 1
-
-    t = threading.Thread(target=writer)
-    t.start()
-    try:
-        wait_for(lambda: len(written) >= 20, timeout=60, what="the writer to get going")
+    with FsyncWriter(m.path, verify=True) as w:
+        w.wait_more(20)
         own_redis.restart()
-        n = len(written)
-        wait_for(lambda: len(written) >= n + 20, timeout=60, what="writes to go on after the restart")
-    finally:
-        stop.set()
-        t.join(60)
-    assert len(failed) <= 2, failed   # at most the operation(s) in flight at the restart
+        w.wait_more(20)
+    written = w.written
+    assert len(w.failed) <= 2, w.failed   # at most the operation(s) in flight at the restart
     for name, data in written.items():
         assert (m.path / name).read_bytes() == data, name
     m.remount(clear_cache=True)

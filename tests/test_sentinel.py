@@ -7,15 +7,13 @@ fsync'd is lost; without it, asynchronous replication may lose the last
 changes (files then read back whole or are missing, never wrong)."""
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import subprocess
-import threading
 
 import pytest
 
-from helpers import MiB, assert_ok, free_port, new_dir, run_cli, stop_process, wait_for
+from helpers import FsyncWriter, assert_ok, free_port, new_dir, run_cli, stop_process, wait_for
 
 pytestmark = pytest.mark.usefixtures("_no_plain_dir")
 
@@ -64,54 +62,35 @@ def sentinel_group():
         procs["master"] = _redis(["--port", str(master), "--bind", "127.0.0.1", "--save", "", "--dir", str(d),
                                   "--dbfilename", "m.rdb"], d)
 
-    yield url, procs, replica, restart_old_master
+    def failed_over():
+        return _cli(replica, "role").startswith("master") and all(
+            _cli(p, "sentinel", "get-master-addr-by-name", "jfsmaster").split() == ["127.0.0.1", str(replica)]
+            for p in sentinels)
+
+    yield url, procs, failed_over, restart_old_master
     for p in procs.values():
         stop_process(p, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "async"])
 def test_master_killed_mid_workload(strict, sentinel_group, mounts, tmp_dir):
-    url, procs, replica, restart_old_master = sentinel_group
+    url, procs, failed_over, restart_old_master = sentinel_group
     assert_ok(run_cli("format", url, "havol", "--storage", "file", "--bucket", tmp_dir / "store"))
     mp = new_dir("mnt")
     extra = ["--meta-wait-replicas", "1"] if strict else []
     m = mounts.start(["mount", url, str(mp), "--cache-dir", str(new_dir("cache")), *extra], mp, dict(os.environ))
-    written: dict[str, bytes] = {}
-    failed: list[str] = []
-    stop = threading.Event()
-
-    def writer():
-        i = 0
-        while not stop.is_set():
-            name, data = f"f{i:04d}", os.urandom(50_000 + i * 331 % MiB)
-            try:
-                with open(mp / name, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                written[name] = data
-            except OSError as e:
-                assert e.errno == errno.EIO, e   # only a change whose reply the failover lost
-                failed.append(name)
-            i += 1
-
-    t = threading.Thread(target=writer)
-    t.start()
-    try:
-        wait_for(lambda: len(written) >= 20, timeout=60, what="the workload to get going")
+    with FsyncWriter(mp) as w:
+        w.wait_more(20, timeout=60)
         procs["master"].kill()
-        wait_for(lambda: _cli(replica, "role").startswith("master"), timeout=60, what="the failover")
+        wait_for(failed_over, timeout=60, what="the failover")
         if strict:
             # With no replica left, strict mode refuses every change (EIO: not
             # replicated) until one is back.
             restart_old_master()
-        n = len(written)
-        wait_for(lambda: len(written) >= n + 20, timeout=90, what="writes after the failover")
-    finally:
-        stop.set()
-        t.join(120)
+        w.wait_more(20)
+    written = w.written
     if not strict:
-        assert len(failed) <= 3, failed   # the change in flight at the kill
+        assert len(w.failed) <= 3, w.failed   # the change in flight at the kill
     assert m.alive
     lost = []
     for name, data in written.items():

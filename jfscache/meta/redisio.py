@@ -219,24 +219,31 @@ class Redis:
             raise RedisUnavailable(f"cannot connect to Redis at {self.where}: {e.strerror or e}") from None
 
     async def _master(self) -> tuple[str, int]:
-        """The master's address, from the first Sentinel that knows it."""
+        """The master's address by the Sentinels' newest configuration: all
+        are asked, and the answer with the highest config epoch wins, so a
+        Sentinel that missed a failover cannot send us to the old master
+        (which, restarted, may answer ROLE as a master with stale data)."""
         name, sentinels = self._sentinel
-        errors = []
+        best, errors = None, []
         for host, port in sentinels:
             try:
                 with trio.fail_after(1):
                     stream = await trio.open_tcp_stream(host, port)
                     try:
-                        (addr,) = await _Conn(stream).roundtrip(
-                            hiredis.pack_command(("SENTINEL", "get-master-addr-by-name", name)), 1)
+                        (info,) = await _Conn(stream).roundtrip(hiredis.pack_command(("SENTINEL", "MASTER", name)), 1)
                     finally:
                         await stream.aclose()
-                if isinstance(addr, list) and len(addr) == 2:
-                    return addr[0].decode(), int(addr[1])
-                errors.append(f"{host}:{port} does not know master '{name}'")
-            except (OSError, trio.TooSlowError) as e:
+                if isinstance(info, list):
+                    f = dict(zip(info[0::2], info[1::2]))
+                    cand = (int(f.get(b"config-epoch", 0)), f[b"ip"].decode(), int(f[b"port"]))
+                    best = cand if best is None or cand[0] > best[0] else best
+                else:
+                    errors.append(f"{host}:{port} does not know master '{name}'")
+            except (OSError, trio.TooSlowError, KeyError, ValueError) as e:
                 errors.append(f"{host}:{port}: {getattr(e, 'strerror', None) or e or 'timed out'}")
-        raise OSError(errno.EHOSTUNREACH, "no Sentinel answered: " + "; ".join(errors))
+        if best is None:
+            raise OSError(errno.EHOSTUNREACH, "no Sentinel answered: " + "; ".join(errors))
+        return best[1], best[2]
 
     def _outage(self, e: Exception) -> None:
         """One log line per outage, not one per operation."""
