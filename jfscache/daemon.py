@@ -16,6 +16,7 @@ from .cache.disk import DiskCache
 from .fuse.ops import Operations
 from .group.node import GroupOptions, open_group
 from .meta.engine import Meta
+from .notify import sd_notify
 from .storage import create_storage
 from .vfs.vfs import VFS, Options
 
@@ -102,7 +103,9 @@ async def _serve(cfg: MountConfig) -> None:
             n.start_soon(_on_signals, vfs)
             if cfg.read_ahead_kb:
                 n.start_soon(trio.to_thread.run_sync, _raise_read_ahead, cfg.mountpoint, cfg.read_ahead_kb)
+            n.start_soon(_ready_when_mounted, cfg.mountpoint)
             await pyfuse3.main()
+            sd_notify("STOPPING=1")
             await vfs.shutdown()
             if disk is not None:
                 await disk.drain()
@@ -110,10 +113,23 @@ async def _serve(cfg: MountConfig) -> None:
     log.info("unmounted %s", cfg.mountpoint)
 
 
+async def _ready_when_mounted(mountpoint: str) -> None:
+    """Tell systemd READY=1 once the mount answers (a stat through it is
+    served by this very loop, so it runs on a thread)."""
+    while True:
+        try:
+            await trio.to_thread.run_sync(os.stat, mountpoint)
+            break
+        except OSError:
+            await trio.sleep(0.05)
+    sd_notify(f"READY=1\nSTATUS=mounted at {mountpoint}\nMAINPID={os.getpid()}")
+
+
 async def _on_signals(vfs: VFS) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
         async for s in sigs:
             log.info("got %s: flushing and unmounting", signal.Signals(s).name)
+            sd_notify("STOPPING=1")
             await vfs.shutdown()
             pyfuse3.terminate()
             return
