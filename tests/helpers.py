@@ -493,7 +493,7 @@ class SeaweedS3:
                    f"-volume.port={self.ports['volume']}",
                    f"-filer.port={self.ports['filer']}",
                    "-s3", f"-s3.port={self.ports['s3']}", f"-s3.config={cfg}",
-                   "-volume.max=200", "-master.volumeSizeLimitMB=256",
+                   "-volume.max=2000", "-master.volumeSizeLimitMB=256",   # every bucket takes 7 volumes at once
                    f"-metricsPort={self.ports['metrics']}",   # S3-side request counts for tests
                    # no network here; the defaults would phone home and
                    # listen on fixed ports 8181 and 9101
