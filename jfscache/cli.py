@@ -168,6 +168,8 @@ def status(meta_url):
               help="kernel entry cache timeout (s)")
 @click.option("--read-ahead-kb", default=1024, show_default=True, type=click.IntRange(0, 1 << 20),
               help="kernel readahead of the mount (0: leave it)")
+@click.option("--readdir-cache", is_flag=True,
+              help="let the kernel cache directory listings (faster repeated ls, slower ls -l of big dirs)")
 @click.option("--compact-grace", default=600.0, show_default=True, type=click.FloatRange(0),
               help="seconds the objects of compacted slices are kept for readers of old slice lists")
 @click.option("--meta-timeout", default=60.0, show_default=True, type=click.FloatRange(1, 86400),
@@ -187,7 +189,7 @@ def status(meta_url):
 @click.option("--log", "log_file", help="log file (default for -d: <cache dir>/jfscache.log)")
 @click.option("--debug", is_flag=True, help="debug logging")
 def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer_size, max_uploads, prefetch,
-          attr_timeout, entry_timeout, read_ahead_kb, compact_grace, meta_timeout, meta_wait_replicas, cache_group, group_listen, group_weight, group_timeout,
+          attr_timeout, entry_timeout, read_ahead_kb, readdir_cache, compact_grace, meta_timeout, meta_wait_replicas, cache_group, group_listen, group_weight, group_timeout,
           no_sharing, background, log_file, debug):
     """Mount a volume. Without META_URL, mount the embedded default volume
     (a private redis-server and a local block directory under ~/.local/state/jfscache)."""
@@ -219,7 +221,8 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
     from .vfs.vfs import Options
 
     opts = Options(attr_timeout=attr_timeout, entry_timeout=entry_timeout, max_uploads=max_uploads,
-                   buffer_size=parse_size(buffer_size, "M"), prefetch=prefetch, compact_grace=compact_grace)
+                   buffer_size=parse_size(buffer_size, "M"), prefetch=prefetch, compact_grace=compact_grace,
+                   readdir_cache=readdir_cache)
     cfg = MountConfig(meta_url=meta_url, mountpoint=mountpoint, cache_dirs=list(cache_dirs),
                       cache_size=parse_size(cache_size, "M"), free_space_ratio=free_space_ratio,
                       mem_cache_size=parse_size(mem_cache_size, "M"), read_ahead_kb=read_ahead_kb, opts=opts,

@@ -175,12 +175,12 @@ def test_huge_sparse_file_is_cut_without_blocking_redis(how, mnt, mnt_volume, re
 
 
 def test_listing_cached_by_the_kernel_sees_other_nodes_changes(make_volume, mount_volume):
-    """Repeated listings may come from the kernel's cache (patched pyfuse3),
+    """With --readdir-cache, repeated listings come from the kernel's cache (patched pyfuse3),
     but another node's create, unlink and rename show within the attribute
     timeout, and a stat pass over an old listing never returns a stale entry."""
     needs_mount()
     vol = make_volume("file")
-    a, b = mount_volume(vol), mount_volume(vol)
+    a, b = mount_volume(vol), mount_volume(vol, None, "--readdir-cache")
     d = a.path / "d"
     d.mkdir()
     for i in range(300):

@@ -165,8 +165,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def opendir(self, inode, ctx):
-        fh = await self.vfs.opendir(inode)
-        if _CACHE_READDIR:  # the patched pyfuse3 (.ci/patches): repeated listings come from the kernel
+        fh, cache = await self.vfs.opendir(inode)
+        if cache and _CACHE_READDIR:  # the patched pyfuse3 (.ci/patches): listings from the kernel's cache
             return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
         return fh
 
