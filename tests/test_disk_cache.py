@@ -35,3 +35,33 @@ def test_truncated_file_is_rejected(tmp_path):
     index = _HEAD.pack(len(data), 0.0) + _write_file(path, data)
     os.truncate(path, PIECE)
     assert _read_verified(path, len(data), index, 0, 10) is None
+
+
+def test_add_declines_when_the_queue_is_full_but_add_wait_does_not(tmp_path, monkeypatch):
+    """Reads cache best-effort (a full write queue drops the block); warmup
+    must not: add_wait waits for room and for the write itself."""
+    import trio
+
+    import jfscache.cache.disk as disk_mod
+    monkeypatch.setattr(disk_mod, "_QUEUE_LIMIT", 3 * PIECE)
+    blocks = {f"k{i}": os.urandom(PIECE) for i in range(12)}
+
+    async def main():
+        d = disk_mod.DiskCache([str(tmp_path / "cache")], 1 << 30, 0.0)
+        await d.open()
+        async with trio.open_nursery() as n:
+            d.start(n)
+            for k, v in list(blocks.items())[:6]:
+                d.add(k, v)   # best effort: only 3 fit in the queue
+            await d.drain()
+            assert sum(d.has(k) for k in list(blocks)[:6]) == 3
+            async with trio.open_nursery() as w:
+                for k, v in list(blocks.items())[6:]:
+                    w.start_soon(d.add_wait, k, v)
+            assert all(d.has(k) for k in list(blocks)[6:])
+            for k, v in list(blocks.items())[6:]:
+                assert await d.get(k) == v
+            n.cancel_scope.cancel()
+        d.close()
+
+    trio.run(main)

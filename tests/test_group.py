@@ -12,7 +12,7 @@ import threading
 import pytest
 import trio
 
-from helpers import MiB, assert_ok, free_port, run_cli, wait_for
+from helpers import MiB, assert_ok, free_port, new_dir, run_cli, wait_for
 from jfscache.group.peer import PeerClient, PeerError
 
 pytestmark = pytest.mark.usefixtures("_no_plain_dir")
@@ -369,3 +369,18 @@ def test_dataloader_epoch_after_warmup(make_volume, mount_volume, s3_server):
         data = _sample(i)
         assert seen[f"{i:05d}.bin"] == [hashlib.sha256(data).hexdigest(), len(data)], i
     assert s3_server.requests(vol.bucket, "GET") == g0
+
+
+def test_wildcard_listen_on_a_host_named_loopback_is_refused(make_volume, mounts):
+    """Listening on 0.0.0.0, a member advertises its host's address; if the
+    host name resolves to loopback (Debian: 127.0.1.1), every member would
+    register as the same unreachable address, so the mount refuses."""
+    if not socket.gethostbyname(socket.gethostname()).startswith("127."):
+        pytest.skip("this host's name resolves to a routable address")
+    from test_cli import expect_mount_failure
+    from helpers import assert_clean_error
+    vol = make_volume("file")
+    mp = new_dir("mnt")
+    r = expect_mount_failure(mounts, ["mount", vol.meta_url, mp, "--cache-group", "g",
+                                      "--group-listen", f"0.0.0.0:{free_port()}"], mp, env=vol.env)
+    assert_clean_error(r, r"resolves to 127\..*--group-listen", strict=False)

@@ -433,7 +433,7 @@ def test_stalled_peer_times_out_then_backs_off():
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(trio.serve_tcp, mute, 0)
             addr = f"{HOST}:{listeners[0].socket.getsockname()[1]}"
-            client = PeerClient(SECRET, timeout=0.5, backoff=0.6)
+            client = PeerClient(SECRET, timeout=0.5, fill_timeout=0.5, backoff=0.6)
             t0 = trio.current_time()
             with pytest.raises(PeerError, match="no answer within"):
                 await client.get(addr, "k")
@@ -461,7 +461,7 @@ def test_stall_after_auth_and_recovery():
     async def main():
         src = FakeSource({"k": b"v" * 10}, cached=["k"])
         async with open_peer_server(HOST, 0, SECRET, src) as server:
-            client = PeerClient(SECRET, timeout=0.3, backoff=0.2)
+            client = PeerClient(SECRET, timeout=0.3, fill_timeout=0.3, backoff=0.2)
             src.stall = True
             with pytest.raises(PeerError, match="no answer"):
                 await client.get(server.address, "k")
@@ -476,7 +476,7 @@ def test_stall_after_auth_and_recovery():
 
 def test_dead_address():
     async def main():
-        client = PeerClient(SECRET, timeout=2.0)
+        client = PeerClient(SECRET, timeout=2.0, fill_timeout=2.0)
         addr = f"{HOST}:{dead_port()}"
         with pytest.raises(PeerError) as ei:
             await client.get(addr, "k")

@@ -83,6 +83,15 @@ class BlockCache:
         if self.disk is not None:
             self.disk.drop(key)
 
+    async def warm(self, key: str, fetch: Callable[[str], Awaitable[bytes]] | None = None) -> bytes:
+        """get(), then make sure the block is on the disk tier, waiting for
+        room in its write queue rather than dropping it: a warmup that said
+        "cached" must mean cached on disk."""
+        data = await self.get(key, fetch)
+        if self.disk is not None:
+            await self.disk.add_wait(key, data)
+        return data
+
     def cached_bytes(self) -> int:
         return self.mem.used + (self.disk.used if self.disk is not None else 0)
 
@@ -184,10 +193,9 @@ class LocalWarmer:
         self.cache = cache
 
     async def warm(self, key: str) -> bool:
-        if self.cache.contains(key):
-            return True
-        await self.cache.get(key)
-        return False
+        cached = self.cache.contains(key)
+        await self.cache.warm(key)
+        return cached
 
     async def check(self, keys: list[str]) -> list[tuple[str, bool]]:
         return [("local", self.cache.contains(k)) for k in keys]

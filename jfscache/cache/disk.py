@@ -205,6 +205,21 @@ class DiskCache:
         self._queued += len(data)
         self._wakeup.set()
 
+    async def add_wait(self, key: str, data: bytes) -> None:
+        """Cache a block on disk and wait until it is written (or the write
+        failed): for warmup, where "cached" must mean on disk. Waits for room
+        in the queue instead of declining."""
+        d = self._dir(key)
+        if d is None or key in d.entries or time.monotonic() < d.broken_until:
+            return
+        while self._queued + len(data) > _QUEUE_LIMIT and self._queue:
+            await trio.sleep(0.01)
+        self._queue.append((d, key, data))
+        self._queued += len(data)
+        self._wakeup.set()
+        while any(k == key for _, k, _ in self._queue):
+            await trio.sleep(0.01)
+
     async def _writer(self) -> None:
         while True:
             await self._wakeup.wait()

@@ -66,6 +66,9 @@ class _Source:
     async def fill(self, key: str) -> bytes:
         return await self.node.cache.get(key, fetch=self.node.fetch_as_owner)
 
+    async def warm(self, key: str) -> bytes:
+        return await self.node.cache.warm(key, fetch=self.node.fetch_as_owner)
+
     def contains(self, key: str) -> bool:
         return self.node.cache.contains(key)
 
@@ -147,17 +150,16 @@ class GroupNode:
         now = time.monotonic()
         if self._warned.get(addr, 0) < now:
             self._warned[addr] = now + self.opts.backoff
-            log.warning("cache group peer %s failed (%s); reading from the object store instead", addr, e)
+            log.warning("cache group peer %s failed (%s); skipped for %g s", addr, e, self.opts.backoff)
 
     # ---- warmup (vfs/fill.py's Warmer) -------------------------------------
     async def warm(self, key: str) -> bool:
         """Make the block's owner hold it; True if it did already."""
         owner = self.ring.owner(key)
         if owner is None or owner == self.id:
-            if self.cache.contains(key):
-                return True
-            await self.cache.get(key, fetch=self.fetch_as_owner)
-            return False
+            cached = self.cache.contains(key)
+            await self.cache.warm(key, fetch=self.fetch_as_owner)
+            return cached
         try:
             return (await self.client.warm(owner, key))[1]
         except PeerError as e:
@@ -170,9 +172,10 @@ class GroupNode:
             out.setdefault(self.ring.owner(k) or self.id, []).append(i)
         return out
 
-    async def check(self, keys: list[str]) -> list[tuple[str, bool]]:
-        """(owner, whether the owner holds it) per key; an unreachable owner holds nothing."""
-        out: list[tuple[str, bool]] = [("", False)] * len(keys)
+    async def check(self, keys: list[str]) -> list[tuple[str, bool | None]]:
+        """(owner, whether the owner holds it) per key; None where the owner
+        could not be asked (unknown, not "not cached")."""
+        out: list[tuple[str, bool | None]] = [("", False)] * len(keys)
         for owner, idx in self._by_owner(keys).items():
             if owner == self.id:
                 found = [self.cache.contains(keys[i]) for i in idx]
@@ -181,7 +184,7 @@ class GroupNode:
                     found = await self.client.check(owner, [keys[i] for i in idx])
                 except PeerError as e:
                     self._peer_failed(owner, e)
-                    found = [False] * len(idx)
+                    found = [None] * len(idx)
             for i, f in zip(idx, found):
                 out[i] = (owner, f)
         return out
@@ -256,6 +259,11 @@ async def open_group(redis, secret: str, opts: GroupOptions, cache,
             if host in ("0.0.0.0", "::", "*"):
                 # Listening everywhere: peers reach us at this host's address.
                 host = socket.gethostbyname(socket.gethostname())
+                if host.startswith("127.") or host == "::1":
+                    # (Debian maps the host name to 127.0.1.1.) Every member
+                    # would register as the same loopback address.
+                    raise GroupError(f"this host's name resolves to {host}, which peers cannot reach: "
+                                     "give --group-listen this host's network address (e.g. 10.0.0.5:9750)")
             address = f"{host}:{server.port}"
         node.membership = Membership(redis, opts.name, address, opts.weight, opts.timeout)
         node.id = node.membership.id

@@ -432,7 +432,9 @@ class PeerServer:
                     return _bad("empty key")
                 if op == OP_WARM:
                     cached = self._source.contains(skey)
-                    data = await self._source.fill(skey)
+                    # A source may offer warm(): fill and wait until the block
+                    # is on its disk tier, not just queued for it.
+                    data = await getattr(self._source, "warm", self._source.fill)(skey)
                     return ST_OK, memoryview(data).nbytes, int(cached), b""
                 if flags & FLAG_FILL:
                     data = await self._source.fill(skey)
@@ -526,10 +528,14 @@ class PeerClient:
     max_connections_per_peer = MAX_CONNECTIONS_PER_PEER
 
     def __init__(self, secret: bytes, *, timeout: float = 5.0, backoff: float = 10.0,
-                 max_idle_per_peer: int = 4):
+                 max_idle_per_peer: int = 4, fill_timeout: float = 30.0):
         _check_secret(secret)
         self._secret = bytes(secret)
         self.timeout = timeout
+        # A fill or warm includes the owner's own object-store fetch and its
+        # queue under load: a deadline as short as a plain get's would turn a
+        # busy, healthy owner into a "failed" one.
+        self.fill_timeout = max(timeout, fill_timeout)
         self.backoff = backoff
         self.max_idle_per_peer = max_idle_per_peer
         self._idle: dict[str, deque[_Conn]] = {}
@@ -610,12 +616,12 @@ class PeerClient:
             raise PeerError("peer client is closed", addr=addr)
         if not self.available(addr):
             raise PeerError(f"{addr}: skipped, in back-off after a failure", addr=addr)
+        timeout = self.fill_timeout if op == OP_WARM or (op == OP_GET and flags & FLAG_FILL) else self.timeout
         try:
-            with trio.fail_after(self.timeout):
-                status, ra, rb, body = await self._exchange_pooled(addr, op, key, flags, a, b, payload)
+            status, ra, rb, body = await self._exchange_pooled(addr, op, key, flags, a, b, payload, timeout)
         except trio.TooSlowError:
             self._mark_down(addr)
-            raise PeerError(f"{_what(addr, op, key)}: no answer within {self.timeout} s",
+            raise PeerError(f"{_what(addr, op, key)}: no answer within {timeout} s",
                             addr=addr) from None
         except (_Failure, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self._mark_down(addr)
@@ -626,16 +632,19 @@ class PeerClient:
                             addr=addr, remote=True)
         return status, ra, rb, body
 
-    async def _exchange_pooled(self, addr, op, key, flags, a, b, payload):
+    async def _exchange_pooled(self, addr, op, key, flags, a, b, payload, timeout: float):
         limit = self._limits.get(addr)
         if limit is None:
             limit = self._limits[addr] = trio.Semaphore(self.max_connections_per_peer)
         try:
             limit.acquire_nowait()      # the common case, without a scheduling round
         except trio.WouldBlock:
+            # Waiting for a connection slot is our own queue, not the peer's
+            # slowness: the deadline starts once the request can go out.
             await limit.acquire()
         try:
-            return await self._exchange_retrying(addr, op, key, flags, a, b, payload)
+            with trio.fail_after(timeout):
+                return await self._exchange_retrying(addr, op, key, flags, a, b, payload)
         finally:
             limit.release()
 

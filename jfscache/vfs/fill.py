@@ -28,7 +28,7 @@ class Warmer(Protocol):
     at its owner) and by the block cache alone (this node)."""
 
     async def warm(self, key: str) -> bool: ...  # True if it was cached already
-    async def check(self, keys: list[str]) -> list[tuple[str, bool]]: ...  # (member, cached) per key
+    async def check(self, keys: list[str]) -> list[tuple[str, bool | None]]: ...  # (member, cached or unknown)
     async def evict(self, keys: list[str]) -> int: ...
 
 
@@ -42,6 +42,7 @@ class Progress:
     done_bytes: int = 0
     cached_blocks: int = 0  # already cached (warm, check) or evicted (evict)
     cached_bytes: int = 0
+    unknown_blocks: int = 0  # check: blocks whose owner could not be asked
     errors: int = 0
     expanded: bool = False
     finished: bool = False
@@ -54,7 +55,7 @@ class Progress:
     def report(self) -> dict:
         self.seconds = round(time.monotonic() - self.started, 3)
         d = {k: getattr(self, k) for k in ("mode", "files", "blocks", "bytes", "done_blocks", "done_bytes",
-                                           "cached_blocks", "cached_bytes", "errors", "expanded", "finished",
+                                           "cached_blocks", "cached_bytes", "unknown_blocks", "errors", "expanded", "finished",
                                            "error", "seconds")}
         d["mb_per_s"] = round(self.done_bytes / 1e6 / self.seconds, 1) if self.seconds else 0.0
         if self.mode == "check":
@@ -138,10 +139,13 @@ async def run(meta, warmer: Warmer, volume: str, bs: int, targets: list[tuple[st
                  r["cached_blocks"], r["errors"])
 
 
-def _count(progress: Progress, path: str, member: str, key: str, size: int, cached: bool) -> None:
+def _count(progress: Progress, path: str, member: str, key: str, size: int, cached: bool | None) -> None:
     progress.done_blocks += 1
     progress.done_bytes += size
     progress.per_member[member][0] += 1
+    if cached is None:  # the owner could not be asked: unknown, reported apart
+        progress.unknown_blocks += 1
+        return
     if cached:
         progress.cached_blocks += 1
         progress.cached_bytes += size
