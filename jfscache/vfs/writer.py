@@ -109,7 +109,7 @@ class SliceWriter:
                 await fw.cache.put(block_key(fw.volume, self.id, bi, len(data)), data)
         except Exception as e:
             log.error("upload of slice %d block %d of inode %d failed: %s", self.id, bi, fw.ino, e)
-            fw.error = fw.error or e
+            fw.fail(e)
         finally:
             fw.budget.uploading -= 1
             fw.budget.release(len(data))
@@ -128,15 +128,16 @@ class SliceWriter:
         try:
             await self.idle.wait()
             await prev_done.wait()
-            if fw.error is None and self.length:
+            if fw.errors == fw.reported and self.length:
                 s = Slice(self.pos, self.id, self.length, 0, self.length)
                 length, count = await fw.meta.write_slice(fw.ino, self.indx, s)
+                log.debug("committed slice %d of inode %d: length %d", self.id, fw.ino, length)
                 slow = fw.on_commit(fw.ino, self.indx, length, count)
                 if slow is not None:  # too many slices: wait for the compaction
                     await slow.wait()
         except Exception as e:
             log.error("commit of slice %d of inode %d failed: %s", self.id, fw.ino, e)
-            fw.error = fw.error or e
+            fw.fail(e)
         finally:
             self.done.set()
 
@@ -155,7 +156,12 @@ class FileWriter:
         self.last_done.set()
         self.length = 0  # end of the furthest write, for getattr while data is buffered
         self.mtime = 0  # time of the last write, likewise
+        # Errors of uploads and commits. Every flush that waited for a failed
+        # commit reports it (an fsync must not succeed because a concurrent
+        # read's flush saw the error first); writes fail until one has.
         self.error: Exception | None = None
+        self.errors = 0
+        self.reported = 0
         # O_APPEND writes: bytes whose offset is decided at commit time (the
         # file's true end then, across all nodes), committed in write order.
         self.appends = bytearray()
@@ -172,7 +178,7 @@ class FileWriter:
         sw.freeze(prev)
 
     async def write(self, off: int, data) -> None:
-        if self.error is not None:
+        if self.errors != self.reported:
             raise OSError(errno.EIO, f"an earlier write to this file failed: {self.error}")
         mv = memoryview(data)
         done = 0
@@ -199,7 +205,7 @@ class FileWriter:
 
     async def append(self, data) -> None:
         """Buffer an O_APPEND write; a block's worth is committed at once."""
-        if self.error is not None:
+        if self.errors != self.reported:
             raise OSError(errno.EIO, f"an earlier write to this file failed: {self.error}")
         self.appends += data
         self.budget.add(len(data))
@@ -230,16 +236,21 @@ class FileWriter:
         for sw in list(self.active.values()):
             self._freeze(sw)
 
+    def fail(self, e: Exception) -> None:
+        self.error = e
+        self.errors += 1
+
     async def flush(self) -> None:
+        before = self.reported
         self.freeze_all()
         await self.last_done.wait()
-        if self.appends and self.error is None:
+        if self.appends and self.errors == self.reported:
             try:
                 await self._commit_appends()
             except OSError:
                 raise
             except Exception as e:
-                self.error = self.error or e
-        if self.error is not None:
-            e, self.error = self.error, None
-            raise OSError(errno.EIO, f"{os.strerror(errno.EIO)}: {e}")
+                self.fail(e)
+        if self.errors != before:
+            self.reported = self.errors
+            raise OSError(errno.EIO, f"{os.strerror(errno.EIO)}: {self.error}")
