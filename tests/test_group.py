@@ -106,7 +106,8 @@ def test_client_and_drained_members_own_nothing(make_volume, mount_volume):
     data = os.urandom(13 * MiB)
     (owner.path / "f").write_bytes(data)
     owner.remount(clear_cache=True)
-    wait_members(client, 2)
+    for m in (client, drained):   # the owner is back in both rings
+        wait_members(m, 2)
     for m in (client, drained):
         assert (m.path / "f").read_bytes() == data
         s = stats(m)
