@@ -687,11 +687,16 @@ def main():
     logging.getLogger().addHandler(logging.NullHandler())
     try:
         try:
-            cli.main(standalone_mode=False)
+            cli.main(standalone_mode=False, prog_name="jfscache")
         except BaseExceptionGroup as g:
             raise _leaf(g) from None
     except click.exceptions.Abort:
         sys.exit(130)
+    except click.UsageError as e:
+        # One line, as for every other error, with where to look.
+        cmd = e.ctx.command_path if e.ctx is not None else "jfscache"
+        click.echo(f"jfscache: error: {e.format_message()} (see '{cmd} --help')", err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

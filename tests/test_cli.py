@@ -335,7 +335,7 @@ def test_mount_option_out_of_range(opt, value, make_volume, mounts):
     vol = make_volume("file")
     mp = new_dir("mnt")
     r = expect_mount_failure(mounts, ["mount", vol.meta_url, mp, opt, value], mp, env=vol.env)
-    assert_clean_error(r, rf"{opt}.*{re.escape(value)}.*range", strict=False)
+    assert_clean_error(r, rf"{opt}.*{re.escape(value)}.*range")
     assert not is_mounted(mp)
 
 
@@ -373,3 +373,18 @@ def test_cache_dir_shared_by_two_daemons_is_refused(make_volume, mount_volume, m
     mp = new_dir("mnt")
     r = expect_mount_failure(mounts, ["mount", vol2.meta_url, mp, "--cache-dir", cache], mp, env=vol2.env)
     assert_clean_error(r, rf"cache dir {re.escape(str(cache))} is in use by pid {m.proc.pid}", strict=False)
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["status", "notaurl"], r"invalid Redis URL 'notaurl': it must start with redis://"),
+    (["status", "http://127.0.0.1:1/1"], r"invalid Redis URL 'http://"),
+    (["format", "redis://127.0.0.1:1/1", "vol", "--block-size", "3M"], r"--block-size must be a power of two"),
+    (["mount", "redis://127.0.0.1:1/1", "/tmp", "--cache-size", "-1G"], r"not a size: '-1G'"),
+    (["mount", "redis://127.0.0.1:1/1", "/etc/passwd"], r"/etc/passwd does not exist or is not a directory"),
+    (["mount", "--bogus", "x", "y"], r"No such option '--bogus'.*jfscache mount --help"),
+    (["bogus"], r"No such command 'bogus'"),
+])
+def test_bad_input_gets_one_line(args, pattern):
+    """Malformed URLs, an invalid block size, a negative size, a mount point
+    that is a file, an unknown option or command: one line, no traceback."""
+    assert_clean_error(run_cli(*args, timeout=FAIL_FAST), pattern)

@@ -75,6 +75,9 @@ def _parse(url: str) -> dict:
     (it falls back to db 0, which would mount the wrong volume)."""
     from urllib.parse import parse_qs, urlsplit
     u = urlsplit(url)
+    if u.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"invalid Redis URL {url!r}: it must start with redis://, rediss:// or unix:// "
+                         "(example: redis://host:6379/1)")
     for db in [u.path.strip("/")] if u.scheme != "unix" else []:
         if db and not db.isdigit():
             raise ValueError(f"invalid Redis URL: database {db!r} is not a number (example: redis://host:6379/1)")
