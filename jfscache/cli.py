@@ -136,17 +136,17 @@ def status(meta_url):
         try:
             settings = dict(await meta.load())
             stats = await meta.statfs()
-            return settings, await meta.sessions(), stats
+            return settings, await meta.sessions(), stats, await meta.pending_uploads()
         finally:
             await meta.aclose()
 
-    settings, sessions, (_, used, _, inodes) = run_with_loop(run)
+    settings, sessions, (_, used, _, inodes), pending = run_with_loop(run)
     for k in ("secret_key", "group_secret"):
         if settings.get(k):
             settings[k] = "****"
     settings["used_bytes"] = used
     settings["inodes_used"] = inodes
-    click.echo(json.dumps({"setting": settings, "sessions": sessions}, indent=2))
+    click.echo(json.dumps({"setting": settings, "sessions": sessions, "pending_uploads": pending}, indent=2))
 
 
 # ---- mount ------------------------------------------------------------------
@@ -177,6 +177,14 @@ def status(meta_url):
 @click.option("--meta-wait-replicas", default=0, show_default=True, type=click.IntRange(0, 16),
               help="strict mode: each metadata change waits (WAIT) until this many Redis replicas have it, "
                    "else fails with EIO")
+@click.option("--io-retries", default=4, show_default=True, type=click.IntRange(0, 100),
+              help="retries of a failed object-store request (jittered exponential back-off)")
+@click.option("--io-timeout", default=60.0, show_default=True, type=click.FloatRange(1, 86400),
+              help="seconds one object-store operation may take, retries included; past it a read fails "
+                   "with EIO and a write stages its block on the cache disk")
+@click.option("--writeback", is_flag=True,
+              help="close and fsync return once blocks are staged on the cache disk; uploads continue "
+                   "in the background (and after a restart)")
 @click.option("--cache-group", help="join this cache group: blocks are shared with its members")
 @click.option("--group-listen", default="0.0.0.0:9750", show_default=True,
               help="HOST:PORT where this member serves blocks to its peers")
@@ -189,8 +197,8 @@ def status(meta_url):
 @click.option("--log", "log_file", help="log file (default for -d: <cache dir>/jfscache.log)")
 @click.option("--debug", is_flag=True, help="debug logging")
 def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer_size, max_uploads, prefetch,
-          attr_timeout, entry_timeout, read_ahead_kb, readdir_cache, compact_grace, meta_timeout, meta_wait_replicas, cache_group, group_listen, group_weight, group_timeout,
-          no_sharing, background, log_file, debug):
+          attr_timeout, entry_timeout, read_ahead_kb, readdir_cache, compact_grace, meta_timeout, meta_wait_replicas,
+          io_retries, io_timeout, writeback, cache_group, group_listen, group_weight, group_timeout, no_sharing, background, log_file, debug):
     """Mount a volume. Without META_URL, mount the embedded default volume
     (a private redis-server and a local block directory under ~/.local/state/jfscache)."""
     if len(args) > 2:
@@ -222,11 +230,12 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
 
     opts = Options(attr_timeout=attr_timeout, entry_timeout=entry_timeout, max_uploads=max_uploads,
                    buffer_size=parse_size(buffer_size, "M"), prefetch=prefetch, compact_grace=compact_grace,
-                   readdir_cache=readdir_cache)
+                   readdir_cache=readdir_cache, missing_wait=io_timeout)
     cfg = MountConfig(meta_url=meta_url, mountpoint=mountpoint, cache_dirs=list(cache_dirs),
                       cache_size=parse_size(cache_size, "M"), free_space_ratio=free_space_ratio,
                       mem_cache_size=parse_size(mem_cache_size, "M"), read_ahead_kb=read_ahead_kb, opts=opts,
-                      meta_timeout=meta_timeout, meta_wait_replicas=meta_wait_replicas)
+                      meta_timeout=meta_timeout, meta_wait_replicas=meta_wait_replicas,
+                      io_retries=io_retries, io_timeout=io_timeout, writeback=writeback)
     if cache_group:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cache_group):
             raise Failure(f"invalid --cache-group {cache_group!r}: use letters, digits, '.', '_' and '-'")

@@ -13,11 +13,12 @@ import trio_asyncio
 
 from .cache.blocks import BlockCache, LocalWarmer
 from .cache.disk import DiskCache
+from .cache.staging import Staging
 from .fuse.ops import Operations
 from .group.node import GroupOptions, open_group
 from .meta.engine import Meta
 from .notify import sd_notify
-from .storage import create_storage
+from .storage import StorageError, create_storage
 from .vfs.vfs import VFS, Options
 
 log = logging.getLogger("jfscache")
@@ -37,9 +38,12 @@ class MountConfig:
     group: GroupOptions | None = None  # member of a cache group
     meta_timeout: float = 60.0  # how long metadata operations wait for an unreachable Redis
     meta_wait_replicas: int = 0  # strict mode: every mutation waits for this many Redis replicas
+    io_retries: int = 4  # retries of each object-store request
+    io_timeout: float = 60.0  # bound of one object-store operation, retries included
+    writeback: bool = False  # stage new blocks locally and upload them in the background
 
 
-def open_storage(settings: dict):
+def open_storage(settings: dict, io_retries: int = 4, io_timeout: float = 60.0):
     """The volume's object store. Credentials in the environment win over
     those saved at format time, so a node can use its own."""
     env_key, env_secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
@@ -47,7 +51,8 @@ def open_storage(settings: dict):
         ak, sk = env_key, env_secret
     else:
         ak, sk = settings.get("access_key"), settings.get("secret_key")
-    return create_storage(settings["storage"], settings["bucket"], access_key=ak, secret_key=sk)
+    return create_storage(settings["storage"], settings["bucket"], access_key=ak, secret_key=sk,
+                          max_attempts=io_retries + 1, op_timeout=io_timeout)
 
 
 def _raise_read_ahead(mountpoint: str, kb: int) -> None:
@@ -69,7 +74,7 @@ async def _serve(cfg: MountConfig) -> None:
         settings = await meta.load()
         meta.r.timeout = cfg.meta_timeout  # Redis answered: from now on, outages are waited out
         meta.r.wait_replicas = cfg.meta_wait_replicas
-        storage = open_storage(settings)
+        storage = open_storage(settings, cfg.io_retries, cfg.io_timeout)
         stack.push_async_callback(storage.close)
         await storage.check()
         disk = None
@@ -78,6 +83,17 @@ async def _serve(cfg: MountConfig) -> None:
             await disk.open(f"pid {os.getpid()} (mount at {cfg.mountpoint})")
             stack.callback(disk.close)
         cache = BlockCache(storage, cfg.mem_cache_size, disk=disk, max_prefetch=max(1, cfg.opts.prefetch))
+        if disk is not None and disk.dirs:
+            # Blocks the store does not take (or, with write-back, every new
+            # block) wait durably in the first cache dir until uploaded.
+            cache.staging = Staging(disk.dirs[0].path, settings["name"], storage,
+                                    free_ratio=cfg.free_space_ratio, uploads=cfg.opts.max_uploads,
+                                    on_uploaded=cache.uploaded)
+            await cache.staging.open()
+            cache.writeback = cfg.writeback
+        elif cfg.writeback:
+            raise StorageError("--writeback needs a usable cache dir (and --cache-size above 0): "
+                               "blocks are staged there until they are uploaded")
         warmer = LocalWarmer(cache)
         if cfg.group is not None:
             group = await stack.enter_async_context(
@@ -100,6 +116,8 @@ async def _serve(cfg: MountConfig) -> None:
             cache.start(n)
             if disk is not None:
                 disk.start(n)
+            if cache.staging is not None:
+                cache.staging.start(n)
             n.start_soon(_on_signals, vfs)
             if cfg.read_ahead_kb:
                 n.start_soon(trio.to_thread.run_sync, _raise_read_ahead, cfg.mountpoint, cfg.read_ahead_kb)
@@ -107,6 +125,8 @@ async def _serve(cfg: MountConfig) -> None:
             await pyfuse3.main()
             sd_notify("STOPPING=1")
             await vfs.shutdown()
+            if cache.staging is not None:
+                await cache.staging.drain(cfg.io_timeout)
             if disk is not None:
                 await disk.drain()
             n.cancel_scope.cancel()

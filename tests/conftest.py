@@ -239,6 +239,14 @@ def mnt_volume(_mnt_root) -> Volume | None:
 # running as nobody
 
 @pytest.fixture
+def own_servers():
+    """For tests that start, stop or break their own servers and mounts:
+    they cannot run against a plain directory (JFSCACHE_TEST_DIR)."""
+    if os.environ.get("JFSCACHE_TEST_DIR"):
+        pytest.skip("needs its own servers and mounts (JFSCACHE_TEST_DIR is set)")
+
+
+@pytest.fixture
 def as_nobody():
     """as_nobody.run(argv, **subprocess_kw) and as_nobody.python(code,
     *argv, cwd="/") run as uid/gid 65534 with no supplementary groups and

@@ -37,6 +37,8 @@ class FaultProxy:
     def __init__(self, upstream_port: int, rate: float = 0.0, seed: int = 1, stall: float = 2.0):
         self.upstream = ("127.0.0.1", upstream_port)
         self.rate, self.stall = rate, stall
+        self.kinds = KINDS  # the faults to inject, each in turn
+        self.methods: set[bytes] | None = None  # fault only these HTTP methods (None: all)
         self.rng = random.Random(seed)
         self.faults: Counter = Counter()
         self.requests = 0
@@ -61,12 +63,14 @@ class FaultProxy:
                 return
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
-    def _fault(self) -> str | None:
+    def _fault(self, method: bytes) -> str | None:
         with self._lock:
             self.requests += 1
+            if self.methods is not None and method not in self.methods:
+                return None
             if self.rng.random() >= self.rate:
                 return None
-            kind = KINDS[sum(self.faults.values()) % len(KINDS)]   # each kind in turn
+            kind = self.kinds[sum(self.faults.values()) % len(self.kinds)]   # each kind in turn
             self.faults[kind] += 1
             return kind
 
@@ -85,7 +89,7 @@ class FaultProxy:
                         return
                     rest += data
                 body, buf = rest[:n], rest[n:]
-                kind = self._fault()
+                kind = self._fault(head.split(b" ", 1)[0])
                 if kind in ("500", "slowdown"):
                     code, msg = ("500 Internal Server Error", "InternalError") if kind == "500" else \
                         ("503 Slow Down", "SlowDown")

@@ -782,9 +782,12 @@ class Mount:
         if self.cache_dir is None:
             return
         assert not self.alive, "clear the cache only while unmounted"
+        # Blocks still staged for upload are data, not cache: they stay.
         if self.cache_dir.exists():
-            shutil.rmtree(self.cache_dir)
-        self.cache_dir.mkdir()
+            for p in self.cache_dir.iterdir():
+                if p.name != "staging":
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        self.cache_dir.mkdir(exist_ok=True)
         os.chmod(self.cache_dir, 0o755)
 
     def remount(self, clear_cache: bool = False, timeout: float = MOUNT_TIMEOUT) -> "Mount":

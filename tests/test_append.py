@@ -9,13 +9,8 @@ import threading
 
 import pytest
 
-pytestmark = pytest.mark.usefixtures("_no_plain_dir")
+pytestmark = pytest.mark.usefixtures("own_servers")
 
-
-@pytest.fixture
-def _no_plain_dir():
-    if os.environ.get("JFSCACHE_TEST_DIR"):
-        pytest.skip("needs several mounts (JFSCACHE_TEST_DIR is set)")
 
 
 def _append_lines(path, tag: str, n: int, fsync: bool, errors: list) -> None:

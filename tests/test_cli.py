@@ -26,15 +26,10 @@ from helpers import (
     wait_for,
 )
 
-pytestmark = pytest.mark.usefixtures("_no_plain_dir")
+pytestmark = pytest.mark.usefixtures("own_servers")
 
 FAIL_FAST = 30   # seconds a failing command may take (it must not hang or retry forever)
 
-
-@pytest.fixture
-def _no_plain_dir():
-    if os.environ.get("JFSCACHE_TEST_DIR"):
-        pytest.skip("CLI tests need the servers (JFSCACHE_TEST_DIR is set)")
 
 
 def closed_redis_url() -> str:

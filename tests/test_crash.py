@@ -10,13 +10,8 @@ import pytest
 
 from helpers import MiB, assert_ok, is_mounted, run_cli, wait_for
 
-pytestmark = pytest.mark.usefixtures("_no_plain_dir")
+pytestmark = pytest.mark.usefixtures("own_servers")
 
-
-@pytest.fixture
-def _no_plain_dir():
-    if os.environ.get("JFSCACHE_TEST_DIR"):
-        pytest.skip("needs its own mount (JFSCACHE_TEST_DIR is set)")
 
 
 def test_sigkill_mid_workload_keeps_fsyncd_files(make_volume, mount_volume):

@@ -11,13 +11,8 @@ import pytest
 from faultproxy import KINDS, FaultProxy
 from helpers import MiB, assert_ok, new_dir, run_cli, unique_bucket
 
-pytestmark = pytest.mark.usefixtures("_no_plain_dir")
+pytestmark = pytest.mark.usefixtures("own_servers")
 
-
-@pytest.fixture
-def _no_plain_dir():
-    if os.environ.get("JFSCACHE_TEST_DIR"):
-        pytest.skip("needs its own servers (JFSCACHE_TEST_DIR is set)")
 
 
 def test_ten_percent_of_s3_requests_fail(redis_server, s3_server, mounts):

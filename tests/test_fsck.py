@@ -13,13 +13,8 @@ from helpers import MiB, assert_ok, run_cli
 from jfscache.layout import slice_block_keys
 from jfscache.meta.engine import Slice
 
-pytestmark = pytest.mark.usefixtures("_no_plain_dir")
+pytestmark = pytest.mark.usefixtures("own_servers")
 
-
-@pytest.fixture
-def _no_plain_dir():
-    if os.environ.get("JFSCACHE_TEST_DIR"):
-        pytest.skip("needs its own volume (JFSCACHE_TEST_DIR is set)")
 
 
 def _fsck(vol, *args):

@@ -15,13 +15,8 @@ import trio
 from helpers import MiB, assert_ok, free_port, new_dir, run_cli, wait_for
 from jfscache.group.peer import PeerClient, PeerError
 
-pytestmark = pytest.mark.usefixtures("_no_plain_dir")
+pytestmark = pytest.mark.usefixtures("own_servers")
 
-
-@pytest.fixture
-def _no_plain_dir():
-    if os.environ.get("JFSCACHE_TEST_DIR"):
-        pytest.skip("group tests need their own mounts (JFSCACHE_TEST_DIR is set)")
 
 
 def stats(m) -> dict:

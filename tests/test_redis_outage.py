@@ -12,13 +12,8 @@ import pytest
 
 from helpers import FsyncWriter, RedisServer, assert_ok, new_dir, run_cli, wait_for
 
-pytestmark = pytest.mark.usefixtures("_no_plain_dir")
+pytestmark = pytest.mark.usefixtures("own_servers")
 
-
-@pytest.fixture
-def _no_plain_dir():
-    if os.environ.get("JFSCACHE_TEST_DIR"):
-        pytest.skip("needs its own Redis and mount (JFSCACHE_TEST_DIR is set)")
 
 
 @pytest.fixture

@@ -15,13 +15,8 @@ import pytest
 
 from helpers import FsyncWriter, assert_ok, free_port, new_dir, run_cli, stop_process, wait_for
 
-pytestmark = pytest.mark.usefixtures("_no_plain_dir")
+pytestmark = pytest.mark.usefixtures("own_servers")
 
-
-@pytest.fixture
-def _no_plain_dir():
-    if os.environ.get("JFSCACHE_TEST_DIR"):
-        pytest.skip("needs its own Redis (JFSCACHE_TEST_DIR is set)")
 
 
 def _redis(args: list[str], workdir) -> subprocess.Popen:

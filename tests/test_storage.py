@@ -593,13 +593,19 @@ def test_s3_unreachable_closed_port():
     run(make, body)
 
 
-def test_s3_unreachable_read_timeout():
-    # A listening socket that never accepts: the kernel completes the TCP
-    # handshake from its backlog, then nobody ever answers the request.
+@pytest.fixture
+def silent_port():
+    """A listening socket that never accepts: the kernel completes the TCP
+    handshake from its backlog, then nobody ever answers the request."""
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(16)
-    port = lsock.getsockname()[1]
+    yield lsock.getsockname()[1]
+    lsock.close()
+
+
+def test_s3_unreachable_read_timeout(silent_port):
+    port = silent_port
     make = lambda: create_storage(  # noqa: E731
         "s3", f"http://127.0.0.1:{port}/bkt", **CREDS, connect_timeout=1, read_timeout=0.3, max_attempts=2)
 
@@ -608,18 +614,28 @@ def test_s3_unreachable_read_timeout():
             with pytest.raises(Unreachable, match="does not answer"):
                 await s.get("k")
 
-    try:
-        run(make, body)
-    finally:
-        lsock.close()
+    run(make, body)
 
 
-def test_s3_trio_cancellation():
+def test_s3_operation_deadline_bounds_the_retries(silent_port):
+    """--io-timeout: however many retries are left, an operation ends (with
+    Unreachable, naming the option) once its deadline passes."""
+    port = silent_port
+    make = lambda: create_storage(  # noqa: E731
+        "s3", f"http://127.0.0.1:{port}/bkt", **CREDS, read_timeout=30, max_attempts=50, op_timeout=0.5)
+
+    async def body(s):
+        with trio.fail_after(10):
+            for op in (s.get("k"), s.put("k", b"v")):
+                with pytest.raises(Unreachable, match=r"did not complete within 0.5 s \(--io-timeout\)"):
+                    await op
+
+    run(make, body)
+
+
+def test_s3_trio_cancellation(silent_port):
     """A trio cancel scope interrupts a request waiting inside asyncio."""
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(16)
-    port = lsock.getsockname()[1]
+    port = silent_port
     make = lambda: create_storage("s3", f"http://127.0.0.1:{port}/bkt", **CREDS, read_timeout=30)  # noqa: E731
 
     async def body(s):
@@ -628,10 +644,7 @@ def test_s3_trio_cancellation():
                 await s.get("k")
         assert scope.cancelled_caught
 
-    try:
-        run(make, body)
-    finally:
-        lsock.close()
+    run(make, body)
 
 
 def test_s3_retries_5xx(proxy, fast_retries):

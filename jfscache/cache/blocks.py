@@ -13,7 +13,7 @@ from typing import Awaitable, Callable
 
 import trio
 
-from ..storage import NotFound
+from ..storage import AccessDenied, NoSuchBucket, NotFound, StorageError
 from .memory import MemoryCache
 from .stats import STATS
 
@@ -42,6 +42,10 @@ class BlockCache:
         self.storage = storage
         self.mem = MemoryCache(mem_bytes)
         self.disk = disk
+        # Blocks written but not yet uploaded (cache/staging.py), if the node
+        # has a cache disk; with `writeback` every new block is staged first.
+        self.staging = None
+        self.writeback = False
         # Where a miss goes after the local tiers: (bytes, keep on disk).
         # A cache group replaces it with "ask the owner, fall back to the
         # store"; a block this node does not own stays in memory only.
@@ -134,10 +138,10 @@ class BlockCache:
         return memoryview(data)[off:off + length]
 
     async def _load(self, key: str, fetch) -> bytes:
-        if self.disk is not None:
-            data = await self.disk.get(key)
+        for tier, name in ((self.disk, "disk"), (self.staging, "staging")):
+            data = None if tier is None else await tier.get(key)
             if data is not None:
-                STATS.hit("disk", len(data))
+                STATS.hit(name, len(data))
                 self.mem.put(key, data)
                 return data
         STATS.miss()
@@ -171,11 +175,33 @@ class BlockCache:
             self._queued.discard(key)
 
     async def put(self, key: str, data: bytes) -> None:
-        """Store a new block, then keep it cached so that it reads back without the store."""
-        t = time.perf_counter()
-        await self.storage.put(key, data)
-        STATS.observe_put(len(data), time.perf_counter() - t)
+        """Store a new block, then keep it cached so that it reads back without
+        the store. When the store does not take it (after its bounded retries),
+        or at once with write-back, the block is staged on the local disk and
+        uploaded later; a write fails only if it cannot be staged either."""
+        staged = self.writeback and self.staging is not None and await self.staging.stage(key, data)
+        if not staged:
+            t = time.perf_counter()
+            try:
+                await self.storage.put(key, data)
+            except (AccessDenied, NoSuchBucket):
+                raise  # a setup error: staging would only hide it
+            except StorageError as e:
+                if self.staging is None or not await self.staging.stage(key, data):
+                    raise
+                log.warning("staged block %s locally, to be uploaded later: %s", key, e)
+                staged = True
+            else:
+                STATS.observe_put(len(data), time.perf_counter() - t)
+        if staged:
+            STATS.add("staged_blocks")
         self.mem.put(key, data)
+        if self.disk is not None and not staged:  # a staged block reaches the disk tier once uploaded
+            self.disk.add(key, data)
+
+    def uploaded(self, key: str, data: bytes) -> None:
+        """A staged block reached the store: keep it in the disk tier."""
+        STATS.add("staged_uploaded_blocks")
         if self.disk is not None:
             self.disk.add(key, data)
 

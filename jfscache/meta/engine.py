@@ -191,6 +191,20 @@ class Meta:
                                ("HSET", "sessionInfos", self.sid, json.dumps(info))])
         return self.sid
 
+    async def set_pending_uploads(self, where: str, blocks: int, nbytes: int) -> None:
+        """Publish the blocks staged at `where` (host:cache dir) and not yet
+        uploaded. Kept per place, not per session: a node that crashed with
+        uploads pending still has them, and its next mount takes them over."""
+        if blocks:
+            info = {"blocks": blocks, "bytes": nbytes, "session": self.sid, "updated": int(time.time())}
+            await self.r.execute("HSET", "pendingUploads", where, json.dumps(info))
+        else:
+            await self.r.execute("HDEL", "pendingUploads", where)
+
+    async def pending_uploads(self) -> dict[str, dict]:
+        flat = await self.r.execute("HGETALL", "pendingUploads")
+        return {flat[i].decode(): json.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
+
     async def heartbeat(self) -> None:
         """Refresh this session and reap sessions that stopped heartbeating."""
         now = int(time.time())

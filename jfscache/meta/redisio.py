@@ -66,7 +66,7 @@ def _sentinels(url: str) -> tuple[str, list[tuple[str, int]]] | None:
         host, _, port = h.rpartition(":")
         out.append((host, int(port)) if host and port.isdigit() else (h, default))
     if not name or not out:
-        raise ValueError(f"invalid Redis Sentinel URL (example: redis://mymaster,10.0.0.1,10.0.0.2:26379/1)")
+        raise ValueError("invalid Redis Sentinel URL (example: redis://mymaster,10.0.0.1,10.0.0.2:26379/1)")
     return name, out
 
 

@@ -34,6 +34,7 @@ def create_storage(
     connect_timeout: float = 5,
     read_timeout: float = 30,
     max_attempts: int = 5,
+    op_timeout: float = 60,
 ) -> ObjectStorage:
     """A store of the given kind ("s3" or "file"); no I/O happens here."""
     kind = kind.lower()
@@ -54,6 +55,7 @@ def create_storage(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             max_attempts=max_attempts,
+            op_timeout=op_timeout,
         )
     raise StorageError(f"unknown storage type {kind!r} (expected 's3' or 'file')")
 

@@ -87,6 +87,10 @@ _AWS_VHOST = re.compile(
 )
 
 
+class _Deadline(Exception):
+    """An operation ran past --io-timeout (raised inside the asyncio loop)."""
+
+
 def _client_error(status: int, payload: bytes, op: str, attempt: int) -> ClientError:
     """A botocore ClientError for an S3 error answer, so one mapping serves both paths."""
     def tag(name: str) -> str:
@@ -169,6 +173,7 @@ class S3Storage(ObjectStorage):
         connect_timeout: float = 5,
         read_timeout: float = 30,
         max_attempts: int = 5,
+        op_timeout: float = 60,
     ):
         self.endpoint, self.bucket, region, style = parse_s3_url(bucket_url)
         self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
@@ -178,6 +183,10 @@ class S3Storage(ObjectStorage):
         self._access_key = access_key
         self._secret_key = secret_key
         self._max_attempts = max(1, max_attempts)
+        # Bound of one operation, its retries included: past it the caller
+        # gets Unreachable (EIO for a read; a write stages the block), so a
+        # store that stalls never hangs a process for longer.
+        self._op_timeout = op_timeout
         self._config = Config(
             region_name=self.region,
             max_pool_connections=max_connections,
@@ -252,7 +261,11 @@ class S3Storage(ObjectStorage):
         """Run the asyncio coroutine function fn(client, *args), mapping errors."""
         client = await self._get_client()
         try:
-            return await trio_asyncio.aio_as_trio(fn)(client, *args)
+            return await trio_asyncio.aio_as_trio(self._aio_bounded)(fn, client, *args)
+        except _Deadline:
+            raise Unreachable(
+                f"S3 {op}{' ' + key if key else ''} at {self.url} did not complete within "
+                f"{self._op_timeout:g} s (--io-timeout)") from None
         except (BotoCoreError, ClientError, aiohttp.ClientError, asyncio.TimeoutError) as e:
             err = self.translate(e, op, key)
             # Some servers (SeaweedFS) answer a PUT into a missing bucket with
@@ -305,6 +318,16 @@ class S3Storage(ObjectStorage):
         return StorageError(f"S3 {what} at {self.url} failed: {e}")
 
     # -- asyncio side: each runs entirely in the asyncio loop ---------------
+
+    async def _aio_bounded(self, fn, client, *args):
+        deadline = asyncio.timeout(self._op_timeout)
+        try:
+            async with deadline:
+                return await fn(client, *args)
+        except TimeoutError:
+            if deadline.expired():  # ours, not a socket timeout inside
+                raise _Deadline() from None
+            raise
 
     async def _aio_bucket_missing(self, client) -> bool:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import socket
 import os
 import time
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class Options:
     prefetch: int = 8  # blocks ahead of a sequential reader, at most
     readdir_cache: bool = False  # let the kernel cache listings (see opendir)
     compact_grace: float = 600.0  # seconds a compacted slice's objects outlive it (readers of old lists)
+    missing_wait: float = 60.0  # seconds a read waits for a block not in the store yet (staged on its writer)
 
 
 @dataclass
@@ -106,6 +108,8 @@ class VFS:
         self.nursery = nursery
         nursery.start_soon(self._heartbeat_loop)
         nursery.start_soon(self._delete_loop)
+        if self.cache.staging is not None:
+            nursery.start_soon(self._staging_loop)
 
     async def shutdown(self) -> None:
         """Flush every dirty file; called on unmount and on SIGTERM."""
@@ -127,6 +131,21 @@ class VFS:
                 pass  # the client logs each outage once
             except Exception as e:
                 log.warning("session heartbeat failed: %s", e)
+
+    async def _staging_loop(self) -> None:
+        """Publish this node's pending uploads (`jfscache status`)."""
+        st = self.cache.staging
+        where = f"{socket.gethostname()}:{st.root}"
+        shown = None
+        while True:
+            now = (len(st.pending), st.bytes)
+            if now != shown:
+                try:
+                    await self.meta.set_pending_uploads(where, *now)
+                    shown = now
+                except Exception as e:  # shown again at the next change
+                    log.debug("publishing pending uploads failed: %s", e)
+            await trio.sleep(1)
 
     async def _delete_loop(self) -> None:
         while True:
@@ -562,15 +581,23 @@ class VFS:
     async def _read_chunk(self, ino: int, indx: int, coff: int, n: int, of: _OpenFile) -> list:
         """The bytes [coff, coff+n) of a chunk as a list of buffers."""
         segs = await self._segments(ino, indx, of)
-        try:
-            return await read_segments(self.cache, self.volume, self.bs, segs, coff, n)
-        except MissingBlock:
-            # The slice list this handle resolved is out of date: a compaction
-            # (past its grace period) or a truncate on another node removed a
-            # block it names. The chunk as it is now has the same bytes.
-            of.chunks.pop(indx, None)
-            segs = await self._segments(ino, indx, of)
-            return await read_segments(self.cache, self.volume, self.bs, segs, coff, n)
+        deadline, delay = trio.current_time() + self.opts.missing_wait, 0.0
+        while True:
+            try:
+                return await read_segments(self.cache, self.volume, self.bs, segs, coff, n)
+            except MissingBlock:
+                # Either the slice list this handle resolved is out of date (a
+                # compaction past its grace period, or a truncate on another
+                # node, removed a block it names: the chunk as it is now has
+                # the same bytes), or the block's writer staged it and has not
+                # uploaded it yet (it lands within seconds unless the store is
+                # down): look again, then wait a bounded time for it.
+                if trio.current_time() + delay > deadline:
+                    raise
+                await trio.sleep(delay)
+                delay = min(max(2 * delay, 0.1), 5.0)
+                of.chunks.pop(indx, None)
+                segs = await self._segments(ino, indx, of)
 
     def _readahead(self, h: Handle, of: _OpenFile, off: int, end: int) -> None:
         """Prefetch the blocks after a sequential reader, deeper as it keeps

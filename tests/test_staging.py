@@ -1,0 +1,179 @@
+"""Blocks the object store does not take are staged on the cache disk and
+uploaded later; with --writeback every block is. Shown through a mount in
+front of a fault-injecting proxy: an fsync'd file survives a store outage, a
+SIGKILL of the daemon with uploads pending, and is read by another node once
+it lands; a full staging disk falls back to synchronous uploads; a read
+during an outage fails with EIO after --io-timeout instead of hanging."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import threading
+
+import pytest
+
+from faultproxy import FaultProxy
+from helpers import MiB, assert_ok, new_dir, run_cli, unique_bucket, wait_for
+
+pytestmark = pytest.mark.usefixtures("own_servers")
+
+
+
+@pytest.fixture
+def proxied(redis_server, s3_server):
+    """(meta URL, proxy): a volume whose S3 traffic goes through a FaultProxy."""
+    proxy = FaultProxy(int(s3_server.endpoint.rsplit(":", 1)[1]), rate=0.0)
+    proxy.kinds = ("500",)
+    url = redis_server.url(redis_server.new_db())
+    bucket = f"http://127.0.0.1:{proxy.port}/{unique_bucket()}"
+    assert_ok(run_cli("format", url, "staged", "--storage", "s3", "--bucket", bucket, env=s3_server.env))
+    yield url, proxy
+    proxy.close()
+
+
+def _outage(proxy: FaultProxy, methods=None) -> None:
+    proxy.methods = methods
+    proxy.rate = 1.0
+
+
+def _restore(proxy: FaultProxy) -> None:
+    proxy.rate = 0.0
+
+
+def _staged(url: str, env: dict) -> int:
+    """Blocks waiting for upload, over all nodes, as `jfscache status` shows them."""
+    r = assert_ok(run_cli("status", url, env=env))
+    return sum(p["blocks"] for p in json.loads(r.stdout)["pending_uploads"].values())
+
+
+def _stats(mp) -> dict:
+    return json.loads((mp / ".stats").read_bytes())
+
+
+def _write(path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def test_outage_stages_blocks_and_uploads_them_later(proxied, s3_server, mounts):
+    url, proxy = proxied
+    env = s3_server.env
+    mp, cache = new_dir("mnt"), new_dir("cache")
+    m = mounts.start(["mount", url, str(mp), "--cache-dir", str(cache), "--io-retries", "1",
+                      "--io-timeout", "2"], mp, env, cache_dir=cache)
+    before = {"old": os.urandom(5 * MiB)}
+    _write(mp / "old", before["old"])
+    m.remount(clear_cache=True)
+
+    _outage(proxy)
+    # A read of a block no tier has fails with EIO after --io-timeout.
+    with pytest.raises(OSError) as e:
+        (mp / "old").read_bytes()
+    assert e.value.errno == errno.EIO
+
+    # Writes succeed: their blocks wait on the cache disk, fsync'd.
+    files = {f"f{i}": os.urandom(n) for i, n in enumerate((9 * MiB + 5, 70_000, 1))}
+    for name, data in files.items():
+        _write(mp / name, data)
+    wait_for(lambda: _staged(url, env) >= 5, what="status to show the 5 staged blocks")  # 3 of f0, 1 each
+    for name, data in files.items():
+        assert (mp / name).read_bytes() == data, name  # served here meanwhile
+    assert "staged block" in m.log_text()
+
+    _restore(proxy)
+    wait_for(lambda: _staged(url, env) == 0, timeout=60, what="the staged blocks to be uploaded")
+    assert not any(p.is_file() for p in (cache / "staging").rglob("*"))
+    m.remount(clear_cache=True)  # cold: everything from S3
+    for name, data in {**files, **before}.items():
+        assert (mp / name).read_bytes() == data, name
+    assert _stats(mp)["store_gets"] >= 5
+
+
+def test_writeback_survives_a_crash_and_another_node_waits_for_the_upload(proxied, s3_server, mounts):
+    url, proxy = proxied
+    env = s3_server.env
+    mp, cache = new_dir("mnt"), new_dir("cache")
+    m = mounts.start(["mount", url, str(mp), "--cache-dir", str(cache), "--writeback",
+                      "--io-timeout", "5"], mp, env, cache_dir=cache)
+    mp2, cache2 = new_dir("mnt2"), new_dir("cache2")
+    mounts.start(["mount", url, str(mp2), "--cache-dir", str(cache2), "--io-timeout", "120"], mp2, env,
+                 cache_dir=cache2)
+
+    _outage(proxy, methods={b"PUT"})  # the store serves reads, takes no writes
+    files = {f"d{i}": os.urandom(n) for i, n in enumerate((6 * MiB, 64 << 10, 300_001))}
+    for name, data in files.items():
+        _write(mp / name, data)   # returns once staged and committed
+    assert _stats(mp)["staged_blocks"] >= 4
+    wait_for(lambda: _staged(url, env) >= 4, what="status to show the staged blocks")
+
+    # The other node sees the files at once, and its read waits for the data.
+    got: dict[str, bytes | Exception] = {}
+
+    def read_on_other_node():
+        try:
+            got["d0"] = (mp2 / "d0").read_bytes()
+        except OSError as e:
+            got["d0"] = e
+
+    reader = threading.Thread(target=read_on_other_node)
+    reader.start()
+
+    m.kill()   # SIGKILL with every upload pending
+    assert list((cache / "staging").rglob("*_*_*")), "staged blocks must survive the crash"
+    assert reader.is_alive(), got   # still waiting for the blocks
+
+    _restore(proxy)
+    m.start()   # the next mount with this cache dir uploads what was staged
+    wait_for(lambda: _staged(url, env) == 0, timeout=60, what="the staged blocks to be uploaded")
+    reader.join(120)
+    assert got["d0"] == files["d0"]
+    m.remount(clear_cache=True)
+    for name, data in files.items():
+        assert (mp / name).read_bytes() == data, name
+        assert (mp2 / name).read_bytes() == data, name
+
+
+@pytest.fixture
+def small_disk():
+    """A 24 MiB tmpfs as the cache disk."""
+    d = new_dir("smalldisk")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0755", "tmpfs", str(d)], check=True)
+    yield d
+    subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_writeback_falls_back_to_synchronous_uploads_when_staging_is_full(proxied, s3_server, mounts,
+                                                                          small_disk):
+    url, _ = proxied
+    env = s3_server.env
+    mp = new_dir("mnt")
+    cache = small_disk / "cache"
+    cache.mkdir()
+    m = mounts.start(["mount", url, str(mp), "--cache-dir", str(cache), "--writeback", "--cache-size", "1M",
+                      "--free-space-ratio", "0.1"], mp, env, cache_dir=cache)
+    # Fill the disk until a 64 KiB block still fits above the 10 % reserve, a 4 MiB one does not.
+    st = os.statvfs(small_disk)
+    room = st.f_bavail * st.f_frsize - int(0.1 * st.f_blocks * st.f_frsize)
+    (small_disk / "filler").write_bytes(b"\0" * (room - 2 * MiB))
+    big, small = os.urandom(12 * MiB), os.urandom(64 << 10)
+    _write(mp / "small", small)  # staged
+    _write(mp / "big", big)      # no room to stage: uploaded synchronously
+    st = _stats(mp)
+    assert st.get("staged_blocks", 0) >= 1 and st["store_puts"] >= 3, st
+    assert "cannot stage block" in m.log_text()
+    wait_for(lambda: _staged(url, env) == 0, timeout=60, what="the staged blocks to be uploaded")
+    (small_disk / "filler").unlink()
+    m.remount(clear_cache=True)
+    assert (mp / "big").read_bytes() == big
+    assert (mp / "small").read_bytes() == small
+
+
+def test_writeback_needs_a_cache_dir(proxied, s3_server, tmp_dir):
+    url, _ = proxied
+    mp = new_dir("mnt")
+    r = run_cli("mount", url, str(mp), "--writeback", "--cache-size", "0", env=s3_server.env)
+    assert r.returncode != 0 and "--writeback needs a usable cache dir" in r.stderr, r.stderr
