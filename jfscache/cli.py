@@ -219,6 +219,15 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
         if meta_url is None:
             base = os.path.join(state_dir(), "cache")
         cache_dirs = (base,)
+    if parse_size(cache_size, "M") > 0:
+        for d in cache_dirs:  # before anything starts: a mistyped path fails at once
+            try:
+                os.makedirs(d, mode=0o700, exist_ok=True)
+                if not os.access(d, os.W_OK | os.X_OK):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            except OSError as e:
+                raise Failure(f"cache dir {os.path.abspath(d)} is unusable: {e.strerror} "
+                              "(choose another --cache-dir, or --cache-size 0 for no disk cache)")
     if background:
         _daemonize(log_file or os.path.join(cache_dirs[0], "jfscache.log"), mountpoint)
         return

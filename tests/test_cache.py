@@ -4,13 +4,14 @@ import hashlib
 import json
 import os
 import random
+import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import new_dir, wait_for
+from helpers import assert_clean_error, is_mounted, new_dir, run_cli, wait_for
 
 MiB = 1 << 20
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (tmpfs mounts)")
@@ -157,19 +158,19 @@ def test_full_cache_disk_still_reads(make_volume, mount_volume):
 
 
 @root_only
-def test_unwritable_cache_dir_still_reads(make_volume, mount_volume):
+def test_read_only_cache_dir_is_refused(make_volume, mounts):
+    """A cache dir that cannot be used at start is bad input: the mount would
+    otherwise run without the cache it was asked for (and read everything
+    from the store). One line, non-zero exit, nothing mounted."""
     vol = make_volume("s3")
     cache = new_dir("rocache")
     _tmpfs(cache, "16m", ro=True)
     try:
-        m = mount_volume(vol, None, cache_dir=cache)
-        digest = write_random(m.path / "f", 10 * MiB, seed=10)
-        m.remount()
-        assert read_hash(m.path / "f") == digest
-        assert stats(m.path).get("store_gets", 0) >= 3
-        m.umount()
-        log = m.log_path.read_text()
-        assert log.count("unusable") == 2, log  # one per start (the log spans two)
+        mp = new_dir("mnt")
+        mounts.track_mountpoint(mp)
+        r = run_cli("mount", vol.meta_url, str(mp), "--cache-dir", str(cache / "sub"), env=vol.env)
+        assert_clean_error(r, rf"cache dir {re.escape(str(cache / 'sub'))} is unusable: Read-only file system")
+        assert not is_mounted(mp)
     finally:
         _untmpfs(cache)
 

@@ -376,10 +376,15 @@ def test_cache_dir_shared_by_two_daemons_is_refused(make_volume, mount_volume, m
     (["format", "redis://127.0.0.1:1/1", "vol", "--block-size", "3M"], r"--block-size must be a power of two"),
     (["mount", "redis://127.0.0.1:1/1", "/tmp", "--cache-size", "-1G"], r"not a size: '-1G'"),
     (["mount", "redis://127.0.0.1:1/1", "/etc/passwd"], r"/etc/passwd does not exist or is not a directory"),
+    (["mount", "redis://127.0.0.1:1/1", "/nonexistent/mnt"], r"/nonexistent/mnt does not exist or is not a dir"),
+    (["mount", "redis://127.0.0.1:1/1", "/proc"], r"/proc is already a mount point \(unmount it first"),
+    (["mount", "redis://127.0.0.1:1/1", "/tmp", "--cache-dir", "/sys/jfscache"],
+     r"cache dir /sys/jfscache is unusable: Operation not permitted \(choose another --cache-dir"),
     (["mount", "--bogus", "x", "y"], r"No such option '--bogus'.*jfscache mount --help"),
     (["bogus"], r"No such command 'bogus'"),
 ])
 def test_bad_input_gets_one_line(args, pattern):
     """Malformed URLs, an invalid block size, a negative size, a mount point
-    that is a file, an unknown option or command: one line, no traceback."""
+    that is a file, missing or already mounted, a cache dir that cannot be
+    made, an unknown option or command: one line, no traceback."""
     assert_clean_error(run_cli(*args, timeout=FAIL_FAST), pattern)

@@ -45,6 +45,10 @@ _ACCESS_FLUSH = 10.0  # seconds between writes of last-access times to the index
 _INLINE_READ = 256 << 10
 
 
+class CacheDirError(ValueError):
+    """A cache dir cannot be used at start (one line, for the CLI)."""
+
+
 class _Dir:
     def __init__(self, path: str, capacity: int):
         self.path = path
@@ -74,21 +78,21 @@ class DiskCache:
     async def open(self, owner: str = "") -> None:
         """Open every cache dir. One that another daemon uses is an error
         (Busy): two daemons evicting each other's files under one index
-        would corrupt it. One that cannot be used is skipped with a warning."""
-        usable = []
+        would corrupt it. One that cannot be used (read-only, not a
+        directory, no permission) is an error too: the mount would run
+        without the cache it was asked for. (Failures later, while mounted,
+        only cost the cache, see _write_failed.)"""
         for d in self.dirs:
             try:
                 await trio.to_thread.run_sync(self._open_dir, d, owner or f"pid {os.getpid()}")
-                usable.append(d)
+            except (OSError, lmdb.Error) as e:
+                self.close()
+                msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                raise CacheDirError(f"cache dir {d.path} is unusable: {msg} (choose another --cache-dir, "
+                                    "or --cache-size 0 for no disk cache)") from None
             except Busy:
                 self.close()
                 raise
-            except (OSError, lmdb.Error) as e:
-                if d.lock >= 0:
-                    os.close(d.lock)
-                    d.lock = -1
-                self._warn("open", f"cache dir {d.path} is unusable ({e}); reading without it")
-        self.dirs = usable
 
     def _open_dir(self, d: _Dir, owner: str) -> None:
         os.makedirs(d.blocks, mode=0o700, exist_ok=True)
