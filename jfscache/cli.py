@@ -55,8 +55,14 @@ def _setup_logging(debug: bool, log_file: str | None) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__)
-def cli():
+@click.option("--secrets-file", envvar="JFSCACHE_SECRETS_FILE", metavar="FILE",
+              help="KEY=VALUE lines (mode 0600) for META_PASSWORD and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                   "so no secret is on a command line")
+def cli(secrets_file):
     """jfscache: a FUSE filesystem over Redis metadata and object-store blocks, with a tiered block cache."""
+    if secrets_file:
+        from . import secrets
+        secrets.load(secrets_file)
 
 
 # ---- format -----------------------------------------------------------------

@@ -30,6 +30,9 @@ def translate(options: str) -> list[str]:
             continue
         if name == "ro":
             raise SystemExit("mount.jfscache: read-only mounts are not supported")
+        if name == "secrets-file":  # a top-level option: passed on through the environment
+            os.environ["JFSCACHE_SECRETS_FILE"] = value
+            continue
         flags.append("--" + name)
         if eq:
             flags.append(value)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import os
 import socket
+import ssl
 import time
 
 import hiredis
@@ -95,6 +97,28 @@ def _parse(url: str) -> dict:
         raise ValueError(f"invalid Redis URL: {e}") from None
 
 
+def _tls_context(url: str) -> ssl.SSLContext | None:
+    """For rediss:// URLs: TLS, verified against the system CAs or
+    ?tls-ca-cert-file=, with a client certificate from ?tls-cert-file= and
+    ?tls-key-file= (JuiceFS's query names); ?insecure-skip-verify=true
+    turns verification off."""
+    from urllib.parse import parse_qs, urlsplit
+    u = urlsplit(url)
+    if u.scheme != "rediss":
+        return None
+    q = {k: v[-1] for k, v in parse_qs(u.query).items()}
+    try:
+        ctx = ssl.create_default_context(cafile=q.get("tls-ca-cert-file"))
+        if q.get("tls-cert-file"):
+            ctx.load_cert_chain(q["tls-cert-file"], q.get("tls-key-file"))
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"invalid TLS settings in the Redis URL: {e}") from None
+    if q.get("insecure-skip-verify", "").lower() in ("true", "1", "yes"):
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 def describe(url: str) -> str:
     """The URL without its password, for messages."""
     opts = _parse(url)
@@ -121,17 +145,18 @@ class Script:
 
 
 class _Conn:
-    __slots__ = ("stream", "reader")
+    __slots__ = ("stream", "sock", "reader")
 
-    def __init__(self, stream):
+    def __init__(self, stream, sock=None):
         self.stream = stream
+        self.sock = sock if sock is not None else stream.socket  # the TCP socket (under TLS, if any)
         self.reader = hiredis.Reader()
 
     def alive(self) -> bool:
         """False if Redis closed this idle connection (e.g. it restarted):
         a peek that finds EOF or an error. A request is never sent on such a
         connection, so a lost reply really means Redis may have acted."""
-        sock = getattr(self.stream.socket, "_sock", None)  # the stdlib socket under trio's
+        sock = getattr(self.sock, "_sock", None)  # the stdlib socket under trio's
         if sock is None:
             return True
         try:
@@ -143,7 +168,7 @@ class _Conn:
 
     def close(self) -> None:
         # Closing a trio socket needs no await; streams' aclose only adds a checkpoint.
-        self.stream.socket.close()
+        self.sock.close()
 
     async def roundtrip(self, packed: bytes, n: int) -> list:
         await self.stream.send_all(packed)
@@ -173,7 +198,10 @@ class Redis:
         self._port = int(opts.get("port", 6379))
         self._db = int(opts.get("db", 0) or 0)
         self._username = opts.get("username")
-        self._password = opts.get("password")
+        # META_PASSWORD (as JuiceFS names it) keeps the password out of the
+        # URL, and so out of ps, shell history and unit files.
+        self._password = os.environ.get("META_PASSWORD") or opts.get("password")
+        self._tls = _tls_context(url)
         self._sentinel = _sentinels(url)
         # Strict mode (--meta-wait-replicas): each mutation is followed, in
         # the same round trip, by WAIT for this many replicas.
@@ -196,7 +224,11 @@ class Redis:
                     host, port = await self._master() if self._sentinel else (self._host, self._port)
                     stream = await trio.open_tcp_stream(host, port)
                     stream.setsockopt(6, 1, 1)  # TCP_NODELAY: requests are tiny and latency-bound
-                conn = _Conn(stream)
+                sock = stream.socket
+                if self._tls is not None:
+                    stream = trio.SSLStream(stream, self._tls, server_hostname=host)
+                    await stream.do_handshake()
+                conn = _Conn(stream, sock)
                 setup = []
                 if self._password:
                     auth = ("AUTH", self._username, self._password) if self._username else ("AUTH", self._password)
@@ -220,6 +252,8 @@ class Redis:
             raise RedisUnavailable(f"Redis at {self.where} does not answer (timed out after {self._connect_timeout:g} s)") from None
         except OSError as e:
             raise RedisUnavailable(f"cannot connect to Redis at {self.where}: {e.strerror or e}") from None
+        except trio.BrokenResourceError as e:  # TLS: the handshake failed (cause: the ssl error)
+            raise RedisUnavailable(f"TLS connection to Redis at {self.where} failed: {e.__cause__ or e}") from None
 
     async def _master(self) -> tuple[str, int]:
         """The master's address by the Sentinels' newest configuration: all

@@ -1,0 +1,142 @@
+"""Secrets and transport security, through the CLI and a mount:
+
+- Redis over TLS (rediss://, verified against the test's own CA) with a
+  password given as META_PASSWORD in a 0600 secrets file, as are the S3 keys;
+- no secret (Redis password, S3 secret key, the volume's group secret)
+  appears in the daemon's argv, its log or `jfscache status`;
+- a secrets file others can read, a wrong CA and a wrong password are
+  refused with one line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+from helpers import (assert_clean_error, assert_ok, die_with_parent, free_port, log_tail, new_dir, run_cli,
+                     stop_process)
+
+pytestmark = pytest.mark.usefixtures("own_servers")
+
+PASSWORD = "pw-" + os.urandom(6).hex()
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certs():
+    """A CA, and a server certificate for 127.0.0.1 signed by it."""
+    d = new_dir("certs")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=jfscache test CA",
+             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+             "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"))
+    _openssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
+             "-CAcreateserial", "-days", "2", "-extfile", str(d / "ext.cnf"), "-out", str(d / "server.pem"))
+    # A second CA that signed nothing here: verification against it must fail.
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=other CA",
+             "-keyout", str(d / "other.key"), "-out", str(d / "other.pem"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def tls_redis(certs):
+    """A redis-server that speaks only TLS and wants a password: its port."""
+    work = new_dir("tlsredis")
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(certs / "server.pem"), "--tls-key-file", str(certs / "server.key"),
+         "--tls-ca-cert-file", str(certs / "ca.pem"), "--tls-auth-clients", "no",
+         "--requirepass", PASSWORD, "--save", "", "--appendonly", "no", "--dir", str(work),
+         "--logfile", str(work / "redis.log")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        start_new_session=True, preexec_fn=die_with_parent())
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as raw, \
+                    ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64):
+                    break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail("TLS redis-server did not start:\n" + log_tail(work / "redis.log"))
+            time.sleep(0.1)
+    yield port
+    stop_process(proc, signal.SIGTERM)
+
+
+def _secrets_file(s3_server, mode=0o600):
+    p = new_dir("secrets") / "jfscache.secrets"
+    env = s3_server.env
+    p.write_text(f"# jfscache secrets\nMETA_PASSWORD={PASSWORD}\n"
+                 f"AWS_ACCESS_KEY_ID={env['AWS_ACCESS_KEY_ID']}\n"
+                 f"AWS_SECRET_ACCESS_KEY='{env['AWS_SECRET_ACCESS_KEY']}'\n")
+    os.chmod(p, mode)
+    return p
+
+
+def _bare_env() -> dict:
+    """The environment without any credentials: they come from the file."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "META_PASSWORD"))}
+
+
+def test_tls_redis_with_password_from_a_secrets_file(tls_redis, certs, s3_server, mounts):
+    secrets = _secrets_file(s3_server)
+    url = f"rediss://127.0.0.1:{tls_redis}/1?tls-ca-cert-file={certs / 'ca.pem'}"
+    env = dict(_bare_env(), JFSCACHE_SECRETS_FILE=str(secrets))
+    bucket = s3_server.bucket_url("sec-" + os.urandom(4).hex())
+    assert_ok(run_cli("format", url, "secure", "--storage", "s3", "--bucket", bucket, env=env))
+
+    mp = new_dir("mnt")
+    m = mounts.start(["--secrets-file", str(secrets), "mount", url, str(mp), "--cache-dir", str(new_dir("cache"))],
+                     mp, _bare_env())
+    (mp / "f").write_bytes(b"through TLS")
+    assert (mp / "f").read_bytes() == b"through TLS"
+
+    status = assert_ok(run_cli("status", url, env=env)).stdout
+    assert json.loads(status)["sessions"], status
+    import redis
+    r = redis.Redis(host="127.0.0.1", port=tls_redis, db=1, password=PASSWORD, ssl=True,
+                    ssl_ca_certs=str(certs / "ca.pem"))
+    group_secret = json.loads(r.get("setting"))["group_secret"]
+    cmdline = open(f"/proc/{m.proc.pid}/cmdline", "rb").read().decode()
+    m.umount()
+    secrets_seen = {"Redis password": PASSWORD, "S3 secret key": s3_server.env["AWS_SECRET_ACCESS_KEY"],
+                    "group secret": group_secret}
+    for what, secret in secrets_seen.items():
+        for where, text in (("argv", cmdline), ("log", m.log_text()), ("status", status)):
+            assert secret not in text, f"the {what} shows in the {where}"
+
+
+def test_secrets_file_readable_by_others_is_refused(s3_server, redis_server):
+    secrets = _secrets_file(s3_server, mode=0o644)
+    r = run_cli("--secrets-file", str(secrets), "status", redis_server.url(1))
+    assert_clean_error(r, rf"secrets file {secrets} is readable by others \(mode 0644\): chmod 600")
+    secrets.write_text("PASSWORD=x\n")
+    os.chmod(secrets, 0o600)
+    assert_clean_error(run_cli("--secrets-file", str(secrets), "status", redis_server.url(1)),
+                       r"line 1: expected KEY=VALUE with KEY one of META_PASSWORD")
+
+
+def test_tls_redis_wrong_ca_or_password(tls_redis, certs):
+    base = f"rediss://127.0.0.1:{tls_redis}/1"
+    env = dict(_bare_env(), META_PASSWORD=PASSWORD)
+    r = run_cli("status", f"{base}?tls-ca-cert-file={certs / 'other.pem'}", env=env)
+    assert_clean_error(r, r"Redis at 127.0.0.1:\d+ db 1.*certificate verify failed")
+    r = run_cli("status", f"{base}?tls-ca-cert-file={certs / 'ca.pem'}", env=dict(env, META_PASSWORD="wrong"))
+    assert_clean_error(r, r"refused the connection: WRONGPASS")
+    r = run_cli("status", f"{base}?tls-ca-cert-file={certs / 'missing.pem'}", env=env)
+    assert_clean_error(r, r"invalid TLS settings in the Redis URL")
