@@ -191,6 +191,8 @@ def status(meta_url):
 @click.option("--writeback", is_flag=True,
               help="close and fsync return once blocks are staged on the cache disk; uploads continue "
                    "in the background (and after a restart)")
+@click.option("--subdir", default="", metavar="PATH",
+              help="mount only this directory of the volume (e.g. one team's data); nothing above it is reachable")
 @click.option("--cache-group", help="join this cache group: blocks are shared with its members")
 @click.option("--group-listen", default="0.0.0.0:9750", show_default=True,
               help="HOST:PORT where this member serves blocks to its peers")
@@ -204,7 +206,8 @@ def status(meta_url):
 @click.option("--debug", is_flag=True, help="debug logging")
 def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer_size, max_uploads, prefetch,
           attr_timeout, entry_timeout, read_ahead_kb, readdir_cache, compact_grace, meta_timeout, meta_wait_replicas,
-          io_retries, io_timeout, writeback, cache_group, group_listen, group_weight, group_timeout, no_sharing, background, log_file, debug):
+          io_retries, io_timeout, writeback, subdir, cache_group, group_listen, group_weight, group_timeout,
+          no_sharing, background, log_file, debug):
     """Mount a volume. Without META_URL, mount the embedded default volume
     (a private redis-server and a local block directory under ~/.local/state/jfscache)."""
     if len(args) > 2:
@@ -250,7 +253,7 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
                       cache_size=parse_size(cache_size, "M"), free_space_ratio=free_space_ratio,
                       mem_cache_size=parse_size(mem_cache_size, "M"), read_ahead_kb=read_ahead_kb, opts=opts,
                       meta_timeout=meta_timeout, meta_wait_replicas=meta_wait_replicas,
-                      io_retries=io_retries, io_timeout=io_timeout, writeback=writeback)
+                      io_retries=io_retries, io_timeout=io_timeout, writeback=writeback, subdir=subdir)
     if cache_group:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cache_group):
             raise Failure(f"invalid --cache-group {cache_group!r}: use letters, digits, '.', '_' and '-'")

@@ -41,6 +41,7 @@ class MountConfig:
     io_retries: int = 4  # retries of each object-store request
     io_timeout: float = 60.0  # bound of one object-store operation, retries included
     writeback: bool = False  # stage new blocks locally and upload them in the background
+    subdir: str = ""  # mount this directory of the volume as the root
 
 
 def open_storage(settings: dict, io_retries: int = 4, io_timeout: float = 60.0):
@@ -74,6 +75,7 @@ async def _serve(cfg: MountConfig) -> None:
         settings = await meta.load()
         meta.r.timeout = cfg.meta_timeout  # Redis answered: from now on, outages are waited out
         meta.r.wait_replicas = cfg.meta_wait_replicas
+        root = await meta.resolve(cfg.subdir)
         storage = open_storage(settings, cfg.io_retries, cfg.io_timeout)
         stack.push_async_callback(storage.close)
         await storage.check()
@@ -102,8 +104,10 @@ async def _serve(cfg: MountConfig) -> None:
             warmer = group
             log.info("member %s of cache group %s (%d members)", group.id, cfg.group.name, len(group.ring))
         vfs = VFS(meta, cache, cfg.opts, warmer)
+        vfs.root = root
         options = set(pyfuse3.default_options)
-        options |= {f"fsname=jfscache:{settings['name']}", "subtype=jfscache"}
+        options |= {f"fsname=jfscache:{settings['name']}{':' + cfg.subdir.strip('/') if cfg.subdir else ''}",
+                    "subtype=jfscache"}
         if cfg.allow_other if cfg.allow_other is not None else os.geteuid() == 0:
             options.add("allow_other")
         pyfuse3.init(Operations(vfs), cfg.mountpoint, options)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -140,3 +141,38 @@ def test_tls_redis_wrong_ca_or_password(tls_redis, certs):
     assert_clean_error(r, r"refused the connection: WRONGPASS")
     r = run_cli("status", f"{base}?tls-ca-cert-file={certs / 'missing.pem'}", env=env)
     assert_clean_error(r, r"invalid TLS settings in the Redis URL")
+
+
+def test_subdir_confines_a_mount_to_its_subtree(make_volume, mount_volume, mounts):
+    vol = make_volume("file")
+    full = mount_volume(vol)
+    (full.path / "team-a" / "data").mkdir(parents=True)
+    (full.path / "team-a" / "data" / "f").write_bytes(b"a's data")
+    (full.path / "team-b").mkdir()
+    (full.path / "team-b" / "secret").write_bytes(b"b's secret")
+    (full.path / "top").write_bytes(b"volume root")
+    os.symlink("../team-b/secret", full.path / "team-a" / "rel")
+    os.symlink("/team-b/secret", full.path / "team-a" / "abs")
+
+    a = mount_volume(vol, None, "--subdir", "/team-a/")
+    assert sorted(os.listdir(a.path)) == ["abs", "data", "rel"]
+    assert (a.path / "data" / "f").read_bytes() == b"a's data"
+    assert os.stat(a.path).st_ino == 1   # the subtree's root is the mount's root
+    assert os.listdir(a.path / "data" / ".." / "data") == ["f"]
+    # '..' at the root leaves the mount; symlinks resolve on this host, not in the volume.
+    for p in ("../team-b/secret", "rel", "abs", "data/../../top"):
+        assert not os.path.exists(a.path / p), p
+    for e in os.scandir(a.path):  # and readdir's '..' names no inode above the root
+        assert e.name != ".."
+    (a.path / "new").write_bytes(b"made in a")
+    assert (full.path / "team-a" / "new").read_bytes() == b"made in a"
+    assert json.loads((a.path / ".stats").read_bytes())["fuse_write_bytes"] >= 9
+
+    for sub, why in (("/nope", r"'nope' no such file or directory in volume"),
+                     ("top", r"'top' is not a directory in volume"),
+                     ("team-a/../team-b", r"give a path without '\.' or '\.\.'")):
+        mp = new_dir("mnt")
+        mounts.track_mountpoint(mp)
+        r = run_cli("mount", vol.meta_url, str(mp), "--subdir", sub, "--cache-dir", str(new_dir("cache")),
+                    env=vol.env)
+        assert_clean_error(r, rf"--subdir '{re.escape(sub)}': {why}")

@@ -42,12 +42,16 @@ class Operations(pyfuse3.Operations):
     def __init__(self, vfs):
         super().__init__()
         self.vfs = vfs
+        # --subdir: the mount's root is this directory's inode. The kernel
+        # knows it as pyfuse3.ROOT_INODE, in both directions, and '..' of it
+        # is itself, so nothing above it can be reached.
+        self.root = vfs.root
         self.attr_timeout = vfs.opts.attr_timeout
         self.entry_timeout = vfs.opts.entry_timeout
 
     def _entry(self, a) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
-        e.st_ino = a.ino
+        e.st_ino = pyfuse3.ROOT_INODE if a.ino == self.root else a.ino
         e.generation = 0
         e.entry_timeout = self.entry_timeout
         e.attr_timeout = self.attr_timeout
@@ -64,21 +68,28 @@ class Operations(pyfuse3.Operations):
         e.st_ctime_ns = a.ctime
         return e
 
+    def _in(self, inode: int) -> int:
+        return self.root if inode == pyfuse3.ROOT_INODE else inode
+
     @_errors
     async def lookup(self, parent_inode, name, ctx=None):
+        parent_inode = self._in(parent_inode)
         if name == b".":
             return self._entry(await self.vfs.getattr(parent_inode))
         if name == b"..":
             a = await self.vfs.getattr(parent_inode)
-            return self._entry(await self.vfs.getattr(a.parent or pyfuse3.ROOT_INODE))
+            up = parent_inode if parent_inode == self.root else (a.parent or self.root)
+            return self._entry(await self.vfs.getattr(up))
         return self._entry(await self.vfs.lookup(parent_inode, name))
 
     @_errors
     async def getattr(self, inode, ctx=None):
+        inode = self._in(inode)
         return self._entry(await self.vfs.getattr(inode))
 
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
+        inode = self._in(inode)
         kw = {}
         if fields.update_mode:
             kw["mode"] = stat.S_IMODE(attr.st_mode)
@@ -96,10 +107,12 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def readlink(self, inode, ctx):
+        inode = self._in(inode)
         return await self.vfs.readlink(inode)
 
     @_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        parent_inode = self._in(parent_inode)
         typ = TYPE_CHAR.get(stat.S_IFMT(mode))
         if typ is None or typ in "dl":
             raise pyfuse3.FUSEError(errno.EINVAL)
@@ -107,35 +120,43 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
+        parent_inode = self._in(parent_inode)
         return self._entry(await self.vfs.mknod(parent_inode, name, "d", mode, ctx.uid, ctx.gid))
 
     @_errors
     async def symlink(self, parent_inode, name, target, ctx):
+        parent_inode = self._in(parent_inode)
         return self._entry(await self.vfs.mknod(parent_inode, name, "l", 0o777, ctx.uid, ctx.gid, target=target))
 
     @_errors
     async def unlink(self, parent_inode, name, ctx):
+        parent_inode = self._in(parent_inode)
         await self.vfs.unlink(parent_inode, name)
 
     @_errors
     async def rmdir(self, parent_inode, name, ctx):
+        parent_inode = self._in(parent_inode)
         await self.vfs.rmdir(parent_inode, name)
 
     @_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        parent_inode_old, parent_inode_new = self._in(parent_inode_old), self._in(parent_inode_new)
         await self.vfs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     @_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        inode, new_parent_inode = self._in(inode), self._in(new_parent_inode)
         return self._entry(await self.vfs.link(inode, new_parent_inode, new_name))
 
     @_errors
     async def open(self, inode, flags, ctx):
+        inode = self._in(inode)
         fh, keep, direct = await self.vfs.open(inode, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=direct)
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
+        parent_inode = self._in(parent_inode)
         fh, a, direct = await self.vfs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
         return pyfuse3.FileInfo(fh=fh, direct_io=direct), self._entry(a)
 
@@ -165,6 +186,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def opendir(self, inode, ctx):
+        inode = self._in(inode)
         fh, cache = await self.vfs.opendir(inode)
         if cache and _CACHE_READDIR:  # the patched pyfuse3 (.ci/patches): listings from the kernel's cache
             return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
@@ -202,18 +224,22 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def getxattr(self, inode, name, ctx):
+        inode = self._in(inode)
         return await self.vfs.getxattr(inode, name)
 
     @_errors
     async def listxattr(self, inode, ctx):
+        inode = self._in(inode)
         return await self.vfs.listxattr(inode)
 
     @_errors
     async def setxattr(self, inode, name, value, ctx):
+        inode = self._in(inode)
         await self.vfs.setxattr(inode, name, value)
 
     @_errors
     async def removexattr(self, inode, name, ctx):
+        inode = self._in(inode)
         await self.vfs.removexattr(inode, name)
 
     async def access(self, inode, mode, ctx):

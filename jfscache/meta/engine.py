@@ -254,6 +254,22 @@ class Meta:
             raise _oserror(e) from None
 
     # ---- tree -------------------------------------------------------------
+    async def resolve(self, path: str) -> int:
+        """The inode of the directory at `path` from the volume's root (--subdir)."""
+        ino = ROOT_INODE
+        for part in filter(None, path.split("/")):
+            if part in (".", ".."):
+                raise ValueError(f"--subdir {path!r}: give a path without '.' or '..'")
+            try:
+                a, _ = await self.lookup(ino, part.encode())
+            except OSError as e:
+                raise ValueError(f"--subdir {path!r}: {part!r} {e.strerror.lower()} "
+                                 f"in volume {self.settings['name']}") from None
+            if a.type != "d":
+                raise ValueError(f"--subdir {path!r}: {part!r} is not a directory in volume {self.settings['name']}")
+            ino = a.ino
+        return ino
+
     async def getattr(self, ino: int) -> Attr:
         v = await self.r.execute("HMGET", f"i{ino}", *lua.ATTR_FIELDS)
         if v[0] is None:

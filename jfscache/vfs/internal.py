@@ -57,9 +57,8 @@ class Internal:
     def __init__(self, vfs):
         self.vfs = vfs
 
-    @staticmethod
-    def lookup(parent: int, name: bytes) -> int | None:
-        return NAMES.get(name) if parent == ROOT_INODE else None
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        return NAMES.get(name) if parent == self.vfs.root else None
 
     @staticmethod
     def attr(ino: int) -> Attr:

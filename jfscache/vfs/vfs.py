@@ -83,6 +83,7 @@ class VFS:
         self.opts = opts
         self.warmer = warmer  # where warmup sends blocks (fill.Warmer): the cache group or the local cache
         self.internal = Internal(self)
+        self.root = ROOT_INODE  # the mount's root directory (another one with --subdir)
         s = meta.settings
         self.volume = s["name"]
         self.bs = int(s.get("block_size", 4 << 20))
@@ -667,7 +668,8 @@ class VFS:
         h = self.handles[fh]
         if h.entries is None or start == 0:
             parent, ents = await self.meta.readdir(h.ino)
-            h.entries = [(b".", h.ino, "d"), (b"..", parent or ROOT_INODE, "d")] + ents
+            up = h.ino if h.ino == self.root else (parent or ROOT_INODE)  # nothing above a --subdir root
+            h.entries = [(b".", h.ino, "d"), (b"..", up, "d")] + ents
             h.attrs = {}
             if len(self._listed) + len(ents) > 1_000_000:
                 self._listed.clear()
