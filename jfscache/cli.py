@@ -201,13 +201,17 @@ def status(meta_url):
 @click.option("--group-timeout", default=5.0, show_default=True, type=click.FloatRange(1, 3600),
               help="seconds without a heartbeat before a member leaves the ring")
 @click.option("--no-sharing", is_flag=True, help="read through the cache group but serve and own nothing")
+@click.option("--group-tls-cert", metavar="FILE",
+              help="talk to peers over mutual TLS: this member's certificate (with --group-tls-key, --group-tls-ca)")
+@click.option("--group-tls-key", metavar="FILE", help="this member's TLS private key")
+@click.option("--group-tls-ca", metavar="FILE", help="the group's CA: peers must show a certificate it signed")
 @click.option("-d", "--background", is_flag=True, help="run in the background")
 @click.option("--log", "log_file", help="log file (default for -d: <cache dir>/jfscache.log)")
 @click.option("--debug", is_flag=True, help="debug logging")
 def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer_size, max_uploads, prefetch,
           attr_timeout, entry_timeout, read_ahead_kb, readdir_cache, compact_grace, meta_timeout, meta_wait_replicas,
           io_retries, io_timeout, writeback, subdir, cache_group, group_listen, group_weight, group_timeout,
-          no_sharing, background, log_file, debug):
+          no_sharing, group_tls_cert, group_tls_key, group_tls_ca, background, log_file, debug):
     """Mount a volume. Without META_URL, mount the embedded default volume
     (a private redis-server and a local block directory under ~/.local/state/jfscache)."""
     if len(args) > 2:
@@ -263,6 +267,11 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
         cfg.group = GroupOptions(name=cache_group, listen=group_listen, weight=group_weight,
                                  sharing=not no_sharing, heartbeat=min(1.0, group_timeout / 3),
                                  timeout=group_timeout)
+        tls = (group_tls_cert, group_tls_key, group_tls_ca)
+        if any(tls):
+            if not all(tls):
+                raise Failure("group TLS needs all three of --group-tls-cert, --group-tls-key and --group-tls-ca")
+            cfg.group.tls = tuple(os.path.abspath(p) for p in tls)
     redis_proc = None
     try:
         if meta_url is None:

@@ -359,6 +359,24 @@ def assert_clean_error(r: subprocess.CompletedProcess, pattern: str | None = Non
 # --------------------------------------------------------------------------
 # redis-server
 
+def make_certs(d: Path) -> Path:
+    """Test TLS files in d: a CA (ca.pem), a certificate for 127.0.0.1 that
+    it signed (server.pem, server.key), and a self-signed one that it did
+    not (other.pem, other.key)."""
+    def openssl(*args):
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=jfscache test CA",
+            "-keyout", d / "ca.key", "-out", d / "ca.pem")
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", d / "server.key", "-out", d / "server.csr")
+    openssl("x509", "-req", "-in", d / "server.csr", "-CA", d / "ca.pem", "-CAkey", d / "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", d / "ext.cnf", "-out", d / "server.pem")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=other CA",
+            "-keyout", d / "other.key", "-out", d / "other.pem")
+    return d
+
+
 class RedisServer:
     """A private redis-server on a free port of 127.0.0.1, 1024 databases."""
 

@@ -380,3 +380,27 @@ def test_wildcard_listen_on_a_host_named_loopback_is_refused(make_volume, mounts
     r = expect_mount_failure(mounts, ["mount", vol.meta_url, mp, "--cache-group", "g",
                                       "--group-listen", f"0.0.0.0:{free_port()}"], mp, env=vol.env)
     assert_clean_error(r, r"resolves to 127\..*--group-listen", strict=False)
+
+
+def test_members_talk_mutual_tls(make_volume, mount_volume, tmp_dir):
+    """--group-tls-cert/-key/-ca: blocks travel between members over TLS (the
+    client reads every block from its owner, none from S3), and a member
+    without TLS is refused by the others."""
+    from helpers import make_certs
+    c = make_certs(tmp_dir)
+    tls = ("--group-tls-cert", c / "server.pem", "--group-tls-key", c / "server.key", "--group-tls-ca", c / "ca.pem")
+    vol = make_volume("s3")
+    owner = member(mount_volume, vol, *tls)
+    client = mount_volume(vol, None, "--cache-group", "g", "--no-sharing", *tls)
+    wait_members(client, 1)
+    data = os.urandom(9 * MiB)
+    (owner.path / "f").write_bytes(data)
+    assert (client.path / "f").read_bytes() == data
+    s = stats(client)
+    assert s.get("store_gets", 0) == 0 and s.get("group_hits", 0) == 3, s
+
+    plain = mount_volume(vol, None, "--cache-group", "g", "--no-sharing")
+    wait_members(plain, 1)
+    assert (plain.path / "f").read_bytes() == data   # from S3: the owner does not talk to it
+    assert stats(plain).get("store_gets", 0) >= 1
+    assert stats(owner).get("peer_served_auth_failures", 0) >= 1

@@ -243,6 +243,33 @@ def test_wrong_secret_is_refused():
     run(main)
 
 
+def test_mutual_tls_between_members(tmp_path):
+    """--group-tls-*: blocks travel over TLS; a client without TLS, or with a
+    certificate the group's CA did not sign, gets nothing."""
+    from helpers import make_certs
+    c = make_certs(tmp_path)
+    server_ctx, client_ctx = peer.tls_contexts(c / "server.pem", c / "server.key", c / "ca.pem")
+    _, rogue_ctx = peer.tls_contexts(c / "other.pem", c / "other.key", c / "ca.pem")
+    data = block(1, 3 * MiB)   # large payloads take the stream path under TLS
+
+    async def main():
+        src = FakeSource({"k": data, "s": b"small"}, cached=["k"])
+        async with open_peer_server(HOST, 0, SECRET, src, tls=server_ctx) as server:
+            good = PeerClient(SECRET, tls=client_ctx)
+            assert await good.get(server.address, "k") == data
+            assert await good.get(server.address, "s") == b"small"
+            assert await good.get(server.address, "k", 5, 10) == data[5:15]
+            await good.aclose()
+            for bad in (PeerClient(SECRET, timeout=1), PeerClient(SECRET, timeout=1, tls=rogue_ctx)):
+                with pytest.raises(PeerError):
+                    await bad.get(server.address, "k")
+                await bad.aclose()
+            assert server.served.requests == 3 and server.served.auth_failures >= 1
+        with pytest.raises(ValueError, match="cannot use the cache group's TLS files"):
+            peer.tls_contexts(c / "missing.pem", c / "server.key", c / "ca.pem")
+    run(main)
+
+
 def test_client_rejects_server_without_the_secret():
     async def main():
         src = FakeSource({"k": b"x"}, cached=["k"])

@@ -20,33 +20,17 @@ import time
 
 import pytest
 
-from helpers import (assert_clean_error, assert_ok, die_with_parent, free_port, log_tail, new_dir, run_cli,
-                     stop_process)
+from helpers import (assert_clean_error, assert_ok, die_with_parent, free_port, log_tail, make_certs, new_dir,
+                     run_cli, stop_process)
 
 pytestmark = pytest.mark.usefixtures("own_servers")
 
 PASSWORD = "pw-" + os.urandom(6).hex()
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def certs():
-    """A CA, and a server certificate for 127.0.0.1 signed by it."""
-    d = new_dir("certs")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=jfscache test CA",
-             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-             "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"))
-    _openssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
-             "-CAcreateserial", "-days", "2", "-extfile", str(d / "ext.cnf"), "-out", str(d / "server.pem"))
-    # A second CA that signed nothing here: verification against it must fail.
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=other CA",
-             "-keyout", str(d / "other.key"), "-out", str(d / "other.pem"))
-    return d
+    return make_certs(new_dir("certs"))
 
 
 @pytest.fixture(scope="module")

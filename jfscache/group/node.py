@@ -27,7 +27,7 @@ import trio
 
 from ..cache.stats import STATS
 from .membership import Member, Membership
-from .peer import PeerClient, PeerError, open_peer_server
+from .peer import PeerClient, PeerError, open_peer_server, tls_contexts
 from .ring import Ring
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class GroupOptions:
     timeout: float = 5.0  # a member silent this long leaves the ring
     peer_timeout: float = 5.0  # deadline of one peer request
     backoff: float = 10.0  # a failed peer is skipped this long
+    tls: tuple[str, str, str] | None = None  # (cert, key, CA) files: peers talk mutual TLS
 
 
 class _Source:
@@ -82,7 +83,8 @@ class GroupNode:
         self.opts = opts
         self.cache = cache
         self.from_store = from_store
-        self.client = PeerClient(secret.encode(), timeout=opts.peer_timeout, backoff=opts.backoff)
+        self.tls_server, tls_client = tls_contexts(*opts.tls) if opts.tls else (None, None)
+        self.client = PeerClient(secret.encode(), timeout=opts.peer_timeout, backoff=opts.backoff, tls=tls_client)
         self._redis = redis
         self._secret = secret.encode()
         self.membership: Membership | None = None
@@ -288,7 +290,7 @@ async def open_group(redis, secret: str, opts: GroupOptions, cache,
 
 async def _serve(host: str, port: int, node: GroupNode, task_status=trio.TASK_STATUS_IGNORED) -> None:
     try:
-        server_cm = open_peer_server(host, port, node._secret, _Source(node), stats=STATS)
+        server_cm = open_peer_server(host, port, node._secret, _Source(node), stats=STATS, tls=node.tls_server)
         server = await server_cm.__aenter__()
     except OSError as e:
         raise GroupError(f"cannot serve cache group peers on {host}:{port}: {e.strerror or e}") from None

@@ -37,6 +37,7 @@ import hashlib
 import hmac
 import logging
 import os
+import ssl
 import struct
 import time
 from collections import deque
@@ -202,12 +203,17 @@ def _key_hash(key: bytes) -> int:
 
 
 class _Conn:
-    """A SocketStream with a small receive buffer; one request at a time."""
+    """A SocketStream (or a TLS stream over one) with a small receive
+    buffer; one request at a time."""
 
-    __slots__ = ("stream", "buf", "received", "idle_since")
+    __slots__ = ("stream", "sock", "tls", "buf", "received", "idle_since")
 
-    def __init__(self, stream: trio.SocketStream):
+    def __init__(self, stream: trio.SocketStream | trio.SSLStream, tcp: trio.SocketStream | None = None):
         self.stream = stream
+        # Plain TCP moves large payloads with recv_into/sendmsg on the socket
+        # itself (no copies); under TLS every byte goes through the stream.
+        self.tls = tcp is not None
+        self.sock = (tcp or stream).socket
         self.buf = bytearray()
         self.received = 0          # bytes received since the caller reset it
         self.idle_since = 0.0
@@ -215,7 +221,7 @@ class _Conn:
     def close(self) -> None:
         # SocketStream.aclose() is just this plus a checkpoint; closing
         # synchronously lets pool bookkeeping run without awaiting.
-        self.stream.socket.close()
+        self.sock.close()
 
     async def read_exact(self, n: int) -> bytes:
         while len(self.buf) < n:
@@ -251,9 +257,13 @@ class _Conn:
         if got:
             view[:got] = self.buf[:got]
             del self.buf[:got]
-        sock = self.stream.socket
         while got < n:
-            k = await sock.recv_into(view[got:], n - got)
+            if self.tls:
+                data = await self.stream.receive_some(n - got)
+                k = len(data)
+                view[got:got + k] = data
+            else:
+                k = await self.sock.recv_into(view[got:], n - got)
             if not k:
                 raise _Closed("connection closed by peer")
             got += k
@@ -272,12 +282,33 @@ class _Conn:
         # from memoryview slices: a large block is never copied in Python.
         head = header + key
         payload = memoryview(payload)
-        sent = await self.stream.socket.sendmsg([head, payload])
+        if self.tls:
+            await self.stream.send_all(head)
+            await self.stream.send_all(payload)
+            return
+        sent = await self.sock.sendmsg([head, payload])
         if sent < len(head):
             await self.stream.send_all(head[sent:])
             sent = len(head)
         if sent - len(head) < len(payload):
             await self.stream.send_all(payload[sent - len(head):])
+
+
+def tls_contexts(cert: str, key: str, ca: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts for mutual TLS between members: each side
+    shows its certificate and accepts only ones the group's CA signed.
+    Host names are not checked (members are addressed by IP; the CA is the
+    group's own); the group secret's handshake still runs inside."""
+    try:
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
+        server.verify_mode = ssl.CERT_REQUIRED
+        server.load_cert_chain(cert, key)
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        client.check_hostname = False
+        client.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"cannot use the cache group's TLS files ({cert}, {key}, {ca}): {e}") from None
+    return server, client
 
 
 def _set_nodelay(stream: trio.SocketStream) -> None:
@@ -320,13 +351,15 @@ class ServedCounters:
 class PeerServer:
     """Serves blocks of ``source`` to authenticated peers; made by ``open_peer_server``."""
 
-    def __init__(self, host: str, secret: bytes, source: BlockSource, stats: Any = None):
+    def __init__(self, host: str, secret: bytes, source: BlockSource, stats: Any = None,
+                 tls: ssl.SSLContext | None = None):
         self.host = host
         self.port = 0
         self.served = ServedCounters()
         self._secret = bytes(secret)
         self._source = source
         self._stats = stats   # anything with add(name, n), e.g. jfscache's Stats
+        self._tls = tls  # server side of mutual TLS (tls_contexts), or plain TCP
 
     @property
     def address(self) -> str:
@@ -349,6 +382,16 @@ class PeerServer:
             _set_nodelay(stream)
             authenticated = False
             with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                if self._tls is not None:
+                    tls = trio.SSLStream(stream, self._tls, server_side=True)
+                    try:
+                        await tls.do_handshake()
+                    except trio.BrokenResourceError as e:  # no certificate the group's CA signed, or no TLS
+                        self._count("auth_failures")
+                        log.warning("peer server: TLS handshake with %s failed: %s", _peer_of(stream),
+                                    e.__cause__ or e)
+                        return
+                    conn = _Conn(tls, stream)
                 authenticated = await self._handshake(conn)
             if authenticated:
                 self._count("connections")
@@ -490,12 +533,12 @@ def _peer_of(stream: trio.SocketStream) -> str:
 
 @asynccontextmanager
 async def open_peer_server(host: str, port: int, secret: bytes, source: BlockSource, *,
-                           stats: Any = None) -> AsyncIterator[PeerServer]:
+                           stats: Any = None, tls: ssl.SSLContext | None = None) -> AsyncIterator[PeerServer]:
     """Listen on host:port (port 0 picks a free one) and serve ``source`` to
     peers that hold ``secret`` until the block exits. ``stats``, if given,
     gets ``add("peer_served_<counter>", n)`` beside ``server.served``."""
     _check_secret(secret)
-    server = PeerServer(host, secret, source, stats)
+    server = PeerServer(host, secret, source, stats, tls)
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
             partial(trio.serve_tcp, server._handle, port, host=host, handler_nursery=nursery))
@@ -528,9 +571,10 @@ class PeerClient:
     max_connections_per_peer = MAX_CONNECTIONS_PER_PEER
 
     def __init__(self, secret: bytes, *, timeout: float = 5.0, backoff: float = 10.0,
-                 max_idle_per_peer: int = 4, fill_timeout: float = 30.0):
+                 max_idle_per_peer: int = 4, fill_timeout: float = 30.0, tls: ssl.SSLContext | None = None):
         _check_secret(secret)
         self._secret = bytes(secret)
+        self._tls = tls
         self.timeout = timeout
         # A fill or warm includes the owner's own object-store fetch and its
         # queue under load: a deadline as short as a plain get's would turn a
@@ -684,14 +728,21 @@ class PeerClient:
             host, port = _split_addr(addr)
         except ValueError as e:    # addresses come from the membership table
             raise _ProtocolError(str(e)) from None
-        stream = await trio.open_tcp_stream(host, port)
-        conn = _Conn(stream)
-        try:
-            _set_nodelay(stream)
-            await _client_handshake(conn, self._secret)
-        except BaseException:
-            conn.close()
-            raise
+        # Connecting and authenticating take the short deadline even for a
+        # fill: a peer that does not even greet us is not busy fetching.
+        with trio.fail_after(self.timeout):
+            stream = await trio.open_tcp_stream(host, port)
+            conn = _Conn(stream)
+            try:
+                _set_nodelay(stream)
+                if self._tls is not None:
+                    tls = trio.SSLStream(stream, self._tls)
+                    await tls.do_handshake()
+                    conn = _Conn(tls, stream)
+                await _client_handshake(conn, self._secret)
+            except BaseException:
+                conn.close()
+                raise
         return conn, True
 
     def _release(self, addr: str, conn: _Conn) -> None:
