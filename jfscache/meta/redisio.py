@@ -45,6 +45,11 @@ class RedisUnavailable(OSError):
         return self.strerror
 
 
+class RedisRefused(RedisUnavailable):
+    """Redis answers but will not have us (wrong password, a certificate
+    that does not verify): waiting would not help, so it is not retried."""
+
+
 _READ_ONLY = {b"GET", b"HGET", b"HMGET", b"HGETALL", b"HKEYS", b"HLEN", b"HEXISTS", b"LRANGE", b"LLEN", b"ZRANGE",
               b"ZRANGEBYSCORE", b"ZSCORE", b"ZCARD", b"EXISTS", b"SCAN", b"PING", b"ROLE", b"INFO", b"SCRIPT"}
 
@@ -242,7 +247,9 @@ class Redis:
                     for r in replies:
                         if isinstance(r, hiredis.ReplyError):
                             await stream.aclose()
-                            raise RedisUnavailable(f"Redis at {self.where} refused the connection: {r}")
+                            transient = str(r).startswith(("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN"))
+                            raise (RedisUnavailable if transient else RedisRefused)(
+                                f"Redis at {self.where} refused the connection: {r}")
                     if self._sentinel and replies[-1][0] != b"master":
                         # A failover in progress: the Sentinels still name a replica.
                         await stream.aclose()
@@ -250,10 +257,13 @@ class Redis:
                 return conn
         except trio.TooSlowError:
             raise RedisUnavailable(f"Redis at {self.where} does not answer (timed out after {self._connect_timeout:g} s)") from None
+        except RedisUnavailable:
+            raise
         except OSError as e:
             raise RedisUnavailable(f"cannot connect to Redis at {self.where}: {e.strerror or e}") from None
         except trio.BrokenResourceError as e:  # TLS: the handshake failed (cause: the ssl error)
-            raise RedisUnavailable(f"TLS connection to Redis at {self.where} failed: {e.__cause__ or e}") from None
+            cls = RedisRefused if isinstance(e.__cause__, ssl.SSLCertVerificationError) else RedisUnavailable
+            raise cls(f"TLS connection to Redis at {self.where} failed: {e.__cause__ or e}") from None
 
     async def _master(self) -> tuple[str, int]:
         """The master's address by the Sentinels' newest configuration: all
@@ -324,7 +334,7 @@ class Redis:
                     conn = await self._connect()
             except RedisUnavailable as e:
                 self._outage(e)
-                if time.monotonic() + delay > deadline:
+                if isinstance(e, RedisRefused) or time.monotonic() + delay > deadline:
                     raise
                 await trio.sleep(delay)
                 delay = min(1.0, delay * 2)
