@@ -123,7 +123,10 @@ def test_writeback_survives_a_crash_and_another_node_waits_for_the_upload(proxie
     reader.start()
 
     m.kill()   # SIGKILL with every upload pending
-    assert list((cache / "staging").rglob("*_*_*")), "staged blocks must survive the crash"
+    staged = list((cache / "staging").rglob("*_*_*"))
+    assert staged, "staged blocks must survive the crash"
+    for p in staged:   # data of other users: private, like the cache
+        assert oct(p.stat().st_mode & 0o777) == "0o600" and oct(p.parent.stat().st_mode & 0o777) == "0o700", p
     assert reader.is_alive(), got   # still waiting for the blocks
 
     _restore(proxy)
