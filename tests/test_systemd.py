@@ -47,5 +47,6 @@ def test_unit_files(unit):
     for opt in ("ProtectSystem", "ProtectHome", "PrivateTmp", "ReadWritePaths", "PrivateMounts"):
         assert opt not in svc
     env = (ROOT / "systemd" / "jfscache.env.example").read_text()
-    for var in ("META_URL", "MOUNTPOINT", "MOUNT_OPTIONS", "GROUP", "GROUP_LISTEN", "AWS_SECRET_ACCESS_KEY"):
+    for var in ("META_URL", "META_PASSWORD", "MOUNTPOINT", "MOUNT_OPTIONS", "GROUP", "GROUP_LISTEN",
+                "AWS_SECRET_ACCESS_KEY"):
         assert f"{var}=" in env
