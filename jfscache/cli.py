@@ -600,6 +600,9 @@ def fsck(meta_url, repair, as_json):
         for m in report["missing_blocks"]:
             click.echo(f"  missing from the store: inode {m['inode']} chunk {m['chunk']} slice {m['slice']}"
                        + (f" block {m['block']}" if "block" in m else ""))
+        for where, p in report["pending_uploads"].items():
+            click.echo(f"  {p['blocks']} blocks staged at {where} are not uploaded yet "
+                       "(blocks missing now may be among them: run fsck again once they are)")
         for k in report["leaked_chunk_lists"]:
             click.echo(f"  leaked chunk list (no file): {k}")
         for d in report["dangling_entries"]:

@@ -117,6 +117,9 @@ async def fsck(meta: Meta, storage, repair: bool = False) -> dict:
                             for k in slice_block_keys(volume, sl.id, sl.size, bs) if k not in have]
     report["missing_blocks"] = missing[:100]
     report["missing_blocks_count"] = len(missing)
+    # Blocks staged on a node and not uploaded yet are missing from the
+    # store for now, not lost: say where they wait.
+    report["pending_uploads"] = await meta.pending_uploads()
 
     # Chunk lists of inodes that are gone (and not waiting for the deleter).
     pending = {int(m.split(b":")[0]) for m in await r.execute("ZRANGE", "delfiles", 0, -1)}

@@ -128,6 +128,8 @@ def test_writeback_survives_a_crash_and_another_node_waits_for_the_upload(proxie
     for p in staged:   # data of other users: private, like the cache
         assert oct(p.stat().st_mode & 0o777) == "0o600" and oct(p.parent.stat().st_mode & 0o777) == "0o700", p
     assert reader.is_alive(), got   # still waiting for the blocks
+    r = run_cli("fsck", url, env=env)   # says where the "missing" blocks wait
+    assert r.returncode == 1 and "not uploaded yet" in r.stdout, r.stdout + r.stderr
 
     _restore(proxy)
     m.start()   # the next mount with this cache dir uploads what was staged
