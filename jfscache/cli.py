@@ -1,4 +1,4 @@
-"""Command line: format, mount, umount, status, stats.
+"""Command line: format, mount, umount, status, stats, profile.
 
 Every expected failure (bad URL, Redis down, missing bucket, ...) ends as one
 line on stderr and exit status 1, never a traceback.
@@ -30,8 +30,9 @@ def _known_errors():
     from .storage import StorageError
     from .fsutil import Busy
     from .group.node import GroupError
+    from .metrics import MetricsError
     return (Failure, NotFormatted, RedisUnavailable, RedisError, StorageError, FileExistsError, ValueError, Busy,
-            GroupError)
+            GroupError, MetricsError)
 
 
 def parse_size(text: str, default_unit: str = "") -> int:
@@ -205,13 +206,15 @@ def status(meta_url):
               help="talk to peers over mutual TLS: this member's certificate (with --group-tls-key, --group-tls-ca)")
 @click.option("--group-tls-key", metavar="FILE", help="this member's TLS private key")
 @click.option("--group-tls-ca", metavar="FILE", help="the group's CA: peers must show a certificate it signed")
+@click.option("--metrics", "metrics_listen", metavar="HOST:PORT",
+              help="serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 0.0.0.0:9567; default: off)")
 @click.option("-d", "--background", is_flag=True, help="run in the background")
 @click.option("--log", "log_file", help="log file (default for -d: <cache dir>/jfscache.log)")
 @click.option("--debug", is_flag=True, help="debug logging")
 def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer_size, max_uploads, prefetch,
           attr_timeout, entry_timeout, read_ahead_kb, readdir_cache, compact_grace, meta_timeout, meta_wait_replicas,
           io_retries, io_timeout, writeback, subdir, cache_group, group_listen, group_weight, group_timeout,
-          no_sharing, group_tls_cert, group_tls_key, group_tls_ca, background, log_file, debug):
+          no_sharing, group_tls_cert, group_tls_key, group_tls_ca, metrics_listen, background, log_file, debug):
     """Mount a volume. Without META_URL, mount the embedded default volume
     (a private redis-server and a local block directory under ~/.local/state/jfscache)."""
     if len(args) > 2:
@@ -225,6 +228,9 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
         raise Failure(f"{mountpoint} is already a mount point (unmount it first: jfscache umount {mountpoint})")
     if not os.path.exists("/dev/fuse"):
         raise Failure("/dev/fuse is missing: load the fuse module or install fuse3")
+    if metrics_listen:
+        from .metrics import split_listen
+        split_listen(metrics_listen)  # a malformed address fails before anything starts
 
     from .embedded import state_dir
     if not cache_dirs:
@@ -257,7 +263,8 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
                       cache_size=parse_size(cache_size, "M"), free_space_ratio=free_space_ratio,
                       mem_cache_size=parse_size(mem_cache_size, "M"), read_ahead_kb=read_ahead_kb, opts=opts,
                       meta_timeout=meta_timeout, meta_wait_replicas=meta_wait_replicas,
-                      io_retries=io_retries, io_timeout=io_timeout, writeback=writeback, subdir=subdir)
+                      io_retries=io_retries, io_timeout=io_timeout, writeback=writeback, subdir=subdir,
+                      metrics=metrics_listen or "")
     if cache_group:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cache_group):
             raise Failure(f"invalid --cache-group {cache_group!r}: use letters, digits, '.', '_' and '-'")
@@ -700,17 +707,96 @@ def group_status(meta_url, name, as_json):
                        f"{i.get('served', 0):>8} {now - m.heartbeat:>8.1f}s ago")
 
 
-# ---- stats ------------------------------------------------------------------
+# ---- stats and profile --------------------------------------------------------
+def _snapshot(mountpoint: str) -> dict:
+    from .monitor import read_snapshot
+    try:
+        return read_snapshot(mountpoint)
+    except OSError as e:
+        path = os.path.join(mountpoint, ".stats")
+        raise Failure(f"cannot read {path}: {e.strerror} (is {mountpoint} a jfscache mount?)")
+    except ValueError as e:
+        raise Failure(f"{mountpoint}/.stats is not the JSON of a jfscache mount: {e}")
+
+
+def _console():
+    from rich.console import Console
+    # Captured (a file, a pipe): wide enough that no column is cut.
+    return Console() if sys.stdout.isatty() else Console(width=130)
+
+
+def _refresh(first, interval: float, frame) -> None:
+    """Show `first`, then frame() every `interval` seconds until Ctrl-C."""
+    from rich.live import Live
+    try:
+        with Live(first, console=_console(), auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(frame(), refresh=True)
+    except KeyboardInterrupt:
+        pass
+
+
 @cli.command()
 @click.argument("mountpoint")
-def stats(mountpoint):
-    """Show the cache and object-store counters of a mounted volume."""
-    path = os.path.join(mountpoint, ".stats")
-    try:
-        with open(path, "rb") as f:
-            click.echo(f.read().decode().rstrip())
-    except OSError as e:
-        raise Failure(f"cannot read {path}: {e.strerror} (is {mountpoint} a jfscache mount?)")
+@click.option("--once", is_flag=True, help="print one view and exit (for scripts)")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="seconds between refreshes")
+@click.option("--json", "as_json", is_flag=True,
+              help="print the counters (MOUNTPOINT/.stats) as JSON and exit; also what a non-terminal gets "
+                   "without --once")
+def stats(mountpoint, once, interval, as_json):
+    """Show a mounted volume's metrics, refreshed every second: read and
+    write throughput, FUSE operations/s, hit ratio per cache tier (mem, disk,
+    staging, group), object-store and cache-group traffic, buffer use.
+
+    \b
+    Examples:
+      jfscache stats /mnt/research                 # live, until Ctrl-C
+      jfscache stats /mnt/research --once          # one view, rates over --interval
+      jfscache stats /mnt/research --json          # the raw counters"""
+    from .monitor import stats_view
+    if as_json or (not once and not sys.stdout.isatty()):
+        click.echo(json.dumps(_snapshot(mountpoint), indent=1))
+        return
+    prev, t = _snapshot(mountpoint), time.monotonic()
+    if once:
+        time.sleep(interval)
+        cur = _snapshot(mountpoint)
+        _console().print(stats_view(mountpoint, cur, prev, time.monotonic() - t))
+        return
+
+    def frame():
+        nonlocal prev, t
+        cur, now = _snapshot(mountpoint), time.monotonic()
+        view = stats_view(mountpoint, cur, prev, now - t)
+        prev, t = cur, now
+        return view
+
+    # Until the first interval has passed: the averages since the mount started.
+    _refresh(stats_view(mountpoint, prev, {}, prev.get("uptime_seconds") or 0), interval, frame)
+
+
+@cli.command()
+@click.argument("mountpoint")
+@click.option("--once", is_flag=True, help="print one view and exit (for scripts)")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="seconds between refreshes")
+@click.option("--top", default=30, show_default=True, type=click.IntRange(1), help="operations shown")
+def profile(mountpoint, once, interval, top):
+    """Show the FUSE operations of a mounted volume that take the most
+    time: calls, calls/s, total and mean time per operation, refreshed
+    every second since the command started (--once: since the mount
+    started).
+
+    Example: jfscache profile /mnt/research --once"""
+    from .monitor import profile_view
+    base, t = _snapshot(mountpoint), time.monotonic()
+    if once:
+        _console().print(profile_view(mountpoint, base, {}, base.get("uptime_seconds") or 0, top))
+        return
+    _refresh(profile_view(mountpoint, base, base, 0, top), interval,
+             lambda: profile_view(mountpoint, _snapshot(mountpoint), base, time.monotonic() - t, top))
 
 
 def _leaf(e: BaseException) -> BaseException:

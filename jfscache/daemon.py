@@ -17,6 +17,7 @@ from .cache.staging import Staging
 from .fuse.ops import Operations
 from .group.node import GroupOptions, open_group
 from .meta.engine import Meta
+from .metrics import Metrics
 from .notify import sd_notify
 from .storage import StorageError, create_storage
 from .vfs.vfs import VFS, Options
@@ -42,6 +43,7 @@ class MountConfig:
     io_timeout: float = 60.0  # bound of one object-store operation, retries included
     writeback: bool = False  # stage new blocks locally and upload them in the background
     subdir: str = ""  # mount this directory of the volume as the root
+    metrics: str = ""  # HOST:PORT to serve Prometheus metrics on ("": not served)
 
 
 def open_storage(settings: dict, io_retries: int = 4, io_timeout: float = 60.0):
@@ -70,6 +72,11 @@ def _raise_read_ahead(mountpoint: str, kb: int) -> None:
 
 async def _serve(cfg: MountConfig) -> None:
     async with trio_asyncio.open_loop(), contextlib.AsyncExitStack() as stack:
+        # One registry for the whole mount, passed to everything that counts.
+        metrics = Metrics()
+        if cfg.metrics:
+            stack.callback(_stop_http, metrics.serve(cfg.metrics))
+            log.info("serving metrics at http://%s/metrics", cfg.metrics)
         meta = Meta(cfg.meta_url)
         stack.push_async_callback(meta.aclose)
         settings = await meta.load()
@@ -81,16 +88,17 @@ async def _serve(cfg: MountConfig) -> None:
         await storage.check()
         disk = None
         if cfg.cache_dirs and cfg.cache_size > 0:
-            disk = DiskCache(cfg.cache_dirs, cfg.cache_size, cfg.free_space_ratio)
+            disk = DiskCache(cfg.cache_dirs, cfg.cache_size, cfg.free_space_ratio, metrics=metrics)
             await disk.open(f"pid {os.getpid()} (mount at {cfg.mountpoint})")
             stack.callback(disk.close)
-        cache = BlockCache(storage, cfg.mem_cache_size, disk=disk, max_prefetch=max(1, cfg.opts.prefetch))
+        cache = BlockCache(storage, cfg.mem_cache_size, disk=disk, max_prefetch=max(1, cfg.opts.prefetch),
+                           metrics=metrics)
         if disk is not None and disk.dirs:
             # Blocks the store does not take (or, with write-back, every new
             # block) wait durably in the first cache dir until uploaded.
             cache.staging = Staging(disk.dirs[0].path, settings["name"], storage,
                                     free_ratio=cfg.free_space_ratio, uploads=cfg.opts.max_uploads,
-                                    on_uploaded=cache.uploaded)
+                                    on_uploaded=cache.uploaded, metrics=metrics)
             await cache.staging.open()
             cache.writeback = cfg.writeback
         elif cfg.writeback:
@@ -99,12 +107,14 @@ async def _serve(cfg: MountConfig) -> None:
         warmer = LocalWarmer(cache)
         if cfg.group is not None:
             group = await stack.enter_async_context(
-                open_group(meta.r, settings["group_secret"], cfg.group, cache, cache.from_storage))
+                open_group(meta.r, settings["group_secret"], cfg.group, cache, cache.from_storage, metrics))
             cache.remote = group.fetch
             warmer = group
             log.info("member %s of cache group %s (%d members)", group.id, cfg.group.name, len(group.ring))
-        vfs = VFS(meta, cache, cfg.opts, warmer)
+        vfs = VFS(meta, cache, cfg.opts, warmer, metrics)
         vfs.root = root
+        metrics.watch(mem=cache.mem, disk=disk, budget=vfs.budget, staging=cache.staging,
+                      warmups=vfs.internal.warmups)
         options = set(pyfuse3.default_options)
         options |= {f"fsname=jfscache:{settings['name']}{':' + cfg.subdir.strip('/') if cfg.subdir else ''}",
                     "subtype=jfscache"}
@@ -135,6 +145,11 @@ async def _serve(cfg: MountConfig) -> None:
                 await disk.drain()
             n.cancel_scope.cancel()
     log.info("unmounted %s", cfg.mountpoint)
+
+
+def _stop_http(server) -> None:
+    server.shutdown()
+    server.server_close()
 
 
 async def _ready_when_mounted(mountpoint: str) -> None:

@@ -337,7 +337,7 @@ def _sample(i: int) -> bytes:
 
 
 def test_dataloader_epoch_after_warmup(make_volume, mount_volume, s3_server):
-    """A PyTorch DataLoader (4 workers, shuffled) reads 2,000 files through a
+    """A PyTorch DataLoader (4 workers, shuffled) reads 800 files through a
     group member after a warmup: every sample is verified, no S3 GET."""
     import hashlib
     import subprocess
@@ -346,7 +346,7 @@ def test_dataloader_epoch_after_warmup(make_volume, mount_volume, s3_server):
     a, b = member(mount_volume, vol), member(mount_volume, vol)
     d = a.path / "samples"
     d.mkdir()
-    n = 2000
+    n = 800
     for i in range(n):
         (d / f"{i:05d}.bin").write_bytes(_sample(i))
     for m in (a, b):

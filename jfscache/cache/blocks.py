@@ -13,9 +13,9 @@ from typing import Awaitable, Callable
 
 import trio
 
+from ..metrics import Metrics
 from ..storage import AccessDenied, NoSuchBucket, NotFound, StorageError
 from .memory import MemoryCache
-from .stats import STATS
 
 log = logging.getLogger("jfscache.cache")
 
@@ -38,8 +38,9 @@ class _Flight:
 
 
 class BlockCache:
-    def __init__(self, storage, mem_bytes: int, disk=None, max_prefetch: int = 8):
+    def __init__(self, storage, mem_bytes: int, disk=None, max_prefetch: int = 8, metrics: Metrics | None = None):
         self.storage = storage
+        self.metrics = metrics if metrics is not None else Metrics()
         self.mem = MemoryCache(mem_bytes)
         self.disk = disk
         # Blocks written but not yet uploaded (cache/staging.py), if the node
@@ -62,9 +63,12 @@ class BlockCache:
         t = time.perf_counter()
         try:
             data = await self.storage.get(key)
-        except NotFound:
-            raise MissingBlock(key) from None
-        STATS.observe_get(len(data), time.perf_counter() - t)
+        except StorageError as e:
+            self.metrics.s3_failed("get", time.perf_counter() - t)
+            if isinstance(e, NotFound):
+                raise MissingBlock(key) from None
+            raise
+        self.metrics.s3("get", len(data), time.perf_counter() - t)
         return data
 
     async def _from_storage_owned(self, key: str) -> tuple[bytes, bool]:
@@ -104,8 +108,9 @@ class BlockCache:
         (an owner serving a peer fetches from the store, never from peers)."""
         data = self.mem.get(key)
         if data is not None:
-            STATS.hit("mem", len(data))
+            self.metrics.hit("mem", len(data))
             return data
+        self.metrics.miss("mem")
         flight = self._inflight.get(key)
         if flight is not None:
             await flight.done.wait()
@@ -129,22 +134,26 @@ class BlockCache:
         if data is None and length < size and self.disk is not None and key not in self._inflight:
             part = await self.disk.get(key, off, length)
             if part is not None:
-                STATS.hit("disk", len(part))
+                self.metrics.miss("mem")  # (a miss that goes on to get() is counted there)
+                self.metrics.hit("disk", len(part))
                 return part
         if data is None:
             data = await self.get(key)
         else:
-            STATS.hit("mem", length)
+            self.metrics.hit("mem", length)
         return memoryview(data)[off:off + length]
 
     async def _load(self, key: str, fetch) -> bytes:
         for tier, name in ((self.disk, "disk"), (self.staging, "staging")):
-            data = None if tier is None else await tier.get(key)
+            if tier is None:
+                continue
+            data = await tier.get(key)
             if data is not None:
-                STATS.hit(name, len(data))
+                self.metrics.hit(name, len(data))
                 self.mem.put(key, data)
                 return data
-        STATS.miss()
+            self.metrics.miss(name)
+        self.metrics.local_misses += 1
         if fetch is not None:
             data, keep = await fetch(key), True
         else:
@@ -168,7 +177,7 @@ class BlockCache:
         try:
             async with self._prefetch_limit:
                 await self.get(key)
-                STATS.prefetched()
+                self.metrics.prefetched += 1
         except Exception as e:  # a failed prefetch is only a lost hint; the read retries
             log.debug("prefetch of %s failed: %s", key, e)
         finally:
@@ -185,23 +194,25 @@ class BlockCache:
             try:
                 await self.storage.put(key, data)
             except (AccessDenied, NoSuchBucket):
+                self.metrics.s3_failed("put", time.perf_counter() - t)
                 raise  # a setup error: staging would only hide it
             except StorageError as e:
+                self.metrics.s3_failed("put", time.perf_counter() - t)
                 if self.staging is None or not await self.staging.stage(key, data):
                     raise
                 log.warning("staged block %s locally, to be uploaded later: %s", key, e)
                 staged = True
             else:
-                STATS.observe_put(len(data), time.perf_counter() - t)
+                self.metrics.s3("put", len(data), time.perf_counter() - t)
         if staged:
-            STATS.add("staged_blocks")
+            self.metrics.staged += 1
         self.mem.put(key, data)
         if self.disk is not None and not staged:  # a staged block reaches the disk tier once uploaded
             self.disk.add(key, data)
 
     def uploaded(self, key: str, data: bytes) -> None:
         """A staged block reached the store: keep it in the disk tier."""
-        STATS.add("staged_uploaded_blocks")
+        self.metrics.staged_uploaded += 1
         if self.disk is not None:
             self.disk.add(key, data)
 
@@ -209,7 +220,13 @@ class BlockCache:
         self.mem.drop(key)
         if self.disk is not None:
             self.disk.drop(key)
-        await self.storage.delete(key)
+        t = time.perf_counter()
+        try:
+            await self.storage.delete(key)
+        except StorageError:
+            self.metrics.s3_failed("delete", time.perf_counter() - t)
+            raise
+        self.metrics.s3("delete", 0, time.perf_counter() - t)
 
 
 class LocalWarmer:

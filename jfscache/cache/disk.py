@@ -28,7 +28,7 @@ import trio
 import xxhash
 
 from ..fsutil import Busy, hold_lock, write_atomic
-from .stats import STATS
+from ..metrics import Metrics
 
 log = logging.getLogger("jfscache.cache.disk")
 
@@ -66,8 +66,9 @@ class _Dir:
 
 
 class DiskCache:
-    def __init__(self, dirs: list[str], capacity: int, free_ratio: float = 0.1):
+    def __init__(self, dirs: list[str], capacity: int, free_ratio: float = 0.1, metrics: Metrics | None = None):
         self.free_ratio = free_ratio
+        self.metrics = metrics if metrics is not None else Metrics()
         self.dirs = [_Dir(os.path.abspath(d), capacity // len(dirs)) for d in dirs]
         self._queue: deque[tuple[_Dir, str, bytes]] = deque()
         self._queued = 0
@@ -191,7 +192,7 @@ class DiskCache:
             log.warning("reading cached block %s failed: %s; fetching it again", key, e)
             data = None
         if data is None:
-            STATS.add("disk_corrupt")
+            self.metrics.disk_corrupt += 1
             log.warning("cached block %s is corrupt or missing; dropped, fetching it again", key)
             self.drop(key)
         return data
@@ -203,7 +204,7 @@ class DiskCache:
         if d is None or key in d.entries or time.monotonic() < d.broken_until:
             return
         if self._queued + len(data) > _QUEUE_LIMIT:
-            STATS.add("disk_add_dropped")
+            self.metrics.disk_dropped += 1
             return
         self._queue.append((d, key, data))
         self._queued += len(data)
@@ -245,8 +246,8 @@ class DiskCache:
                         txn.put(key.encode(), _HEAD.pack(len(data), time.time()) + hashes)
                     d.entries[key] = len(data)
                     d.used += len(data)
-                    STATS.add("disk_writes")
-                    STATS.add("disk_write_bytes", len(data))
+                    self.metrics.disk_writes += 1
+                    self.metrics.disk_write_bytes += len(data)
                 finally:
                     # Dequeued only now, so that drain() also waits for this write.
                     self._queue.popleft()
@@ -257,7 +258,7 @@ class DiskCache:
                  errno.EPERM: "not writable", errno.EROFS: "read-only"}.get(e.errno, "failing")
         # Pause writes for a while rather than retrying each block.
         d.broken_until = time.monotonic() + 30
-        STATS.add("disk_write_errors")
+        self.metrics.disk_write_errors += 1
         self._warn(f"{d.path}:{cause}", f"cache dir {d.path} is {cause} ({e.strerror or e}); "
                    "blocks are served without caching them on disk")
 
@@ -283,7 +284,7 @@ class DiskCache:
             except FileNotFoundError:
                 pass
         if victims:
-            STATS.add("disk_evictions", len(victims))
+            self.metrics.disk_evictions += len(victims)
             with d.env.begin(write=True) as txn:
                 for key in victims:
                     txn.delete(key.encode())

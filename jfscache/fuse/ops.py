@@ -2,6 +2,7 @@
 
 VFS methods raise OSError; every handler turns that into FUSEError with the
 same errno. Attributes become EntryAttributes with the configured timeouts.
+Each handler's duration goes to jfscache_fuse_op_duration_seconds{op}.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import errno
 import functools
 import logging
 import stat
+import time
 
 import pyfuse3
 
@@ -20,18 +22,24 @@ TYPE_CHAR = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFI
 
 
 def _errors(fn):
-    """OSError → FUSEError; anything unexpected is logged and becomes EIO."""
+    """OSError → FUSEError; anything unexpected is logged and becomes EIO.
+    The operation is timed, failed or not."""
+    op = fn.__name__
+
     @functools.wraps(fn)
-    async def wrapper(*args, **kwargs):
+    async def wrapper(self, *args, **kwargs):
+        t = time.perf_counter()
         try:
-            return await fn(*args, **kwargs)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except Exception:
-            log.exception("%s failed", fn.__name__)
+            log.exception("%s failed", op)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.metrics.fuse_op(op, time.perf_counter() - t)
     return wrapper
 
 
@@ -42,6 +50,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, vfs):
         super().__init__()
         self.vfs = vfs
+        self.metrics = vfs.metrics
         # --subdir: the mount's root is this directory's inode. The kernel
         # knows it as pyfuse3.ROOT_INODE, in both directions, and '..' of it
         # is itself, so nothing above it can be reached.

@@ -25,7 +25,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 
-from ..cache.stats import STATS
+from ..metrics import Metrics
 from .membership import Member, Membership
 from .peer import PeerClient, PeerError, open_peer_server, tls_contexts
 from .ring import Ring
@@ -79,8 +79,9 @@ class _Source:
 
 class GroupNode:
     def __init__(self, redis, secret: str, opts: GroupOptions, cache,
-                 from_store: Callable[[str], Awaitable[bytes]]):
+                 from_store: Callable[[str], Awaitable[bytes]], metrics: Metrics | None = None):
         self.opts = opts
+        self.metrics = metrics if metrics is not None else Metrics()
         self.cache = cache
         self.from_store = from_store
         self.tls_server, tls_client = tls_contexts(*opts.tls) if opts.tls else (None, None)
@@ -105,14 +106,14 @@ class GroupNode:
         if owner is None or owner == self.id:
             return await self.fetch_as_owner(key), True
         if self.client.available(owner):
+            self.metrics.group_request(owner)
             try:
                 data = await self.client.get(owner, key, fill=True)
-                STATS.add("group_hits")
-                STATS.add("group_hit_bytes", len(data))
+                self.metrics.hit("group", len(data))
                 return data, False
             except PeerError as e:
                 self._peer_failed(owner, e)
-        STATS.add("group_fallbacks")
+        self.metrics.miss("group")  # the read falls back to the store
         return await self.from_store(key), False
 
     async def fetch_as_owner(self, key: str) -> bytes:
@@ -134,18 +135,19 @@ class GroupNode:
             if peer in asked or peer not in live or not self.client.available(peer):
                 continue
             asked.add(peer)
+            self.metrics.group_request(peer)
             try:
                 data = await self.client.get(peer, key, fill=False)
             except PeerError as e:
                 self._peer_failed(peer, e)
                 continue
             if data is not None:
-                STATS.add("group_handover_hits")
+                self.metrics.group_handover_hits += 1
                 return data
         return await self.from_store(key)
 
     def _peer_failed(self, addr: str, e: PeerError) -> None:
-        STATS.add("group_errors")
+        self.metrics.group_error(addr)
         if e.remote:  # the peer is up; its own object-store fetch failed
             return
         # One line per peer per back-off period, not one per block.
@@ -162,6 +164,7 @@ class GroupNode:
             cached = self.cache.contains(key)
             await self.cache.warm(key, fetch=self.fetch_as_owner)
             return cached
+        self.metrics.group_request(owner)
         try:
             return (await self.client.warm(owner, key))[1]
         except PeerError as e:
@@ -182,6 +185,7 @@ class GroupNode:
             if owner == self.id:
                 found = [self.cache.contains(keys[i]) for i in idx]
             else:
+                self.metrics.group_request(owner)
                 try:
                     found = await self.client.check(owner, [keys[i] for i in idx])
                 except PeerError as e:
@@ -196,6 +200,7 @@ class GroupNode:
         n = 0
         for owner, idx in self._by_owner(keys).items():
             if owner != self.id:
+                self.metrics.group_request(owner)
                 try:
                     n += await self.client.evict(owner, [keys[i] for i in idx])
                 except PeerError as e:
@@ -214,7 +219,7 @@ class GroupNode:
         # one ring change later (prev_ring) would already name a joiner.
         cutoff = time.time() - SETTLE
         self.settled = Ring({m.id: m.weight for m in members if m.sharing and m.info.get("joined", 0) <= cutoff})
-        STATS.c["group_members"] = len(ring)
+        self.metrics.group_members = len(ring)
         if ring != self.ring:
             joined = set(ring.members) - set(self.ring.members)
             left = set(self.ring.members) - set(ring.members)
@@ -224,10 +229,10 @@ class GroupNode:
             self.prev_ring, self.ring = self.ring if len(self.ring) else None, ring
 
     def _info(self) -> dict:
-        c = STATS.c
-        return {"cache_bytes": self.cache.cached_bytes(), "hits": int(c.get("mem_hits", 0) + c.get("disk_hits", 0)),
-                "misses": int(c.get("misses", 0)), "served": int(c.get("peer_served_requests", 0)),
-                "served_bytes": int(c.get("peer_served_bytes", 0)), "sharing": self.opts.sharing}
+        m = self.metrics
+        return {"cache_bytes": self.cache.cached_bytes(), "hits": m.hits["mem"] + m.hits["disk"],
+                "misses": m.local_misses, "served": m.served_requests,
+                "served_bytes": m.served_bytes, "sharing": self.opts.sharing}
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -249,10 +254,11 @@ def _split(listen: str) -> tuple[str, int]:
 
 @asynccontextmanager
 async def open_group(redis, secret: str, opts: GroupOptions, cache,
-                     from_store: Callable[[str], Awaitable[bytes]]) -> AsyncIterator[GroupNode]:
+                     from_store: Callable[[str], Awaitable[bytes]],
+                     metrics: Metrics | None = None) -> AsyncIterator[GroupNode]:
     """Join the group (serving peers if sharing), keep the ring fresh, and
     leave it on exit."""
-    node = GroupNode(redis, secret, opts, cache, from_store)
+    node = GroupNode(redis, secret, opts, cache, from_store, metrics)
     async with trio.open_nursery() as nursery:
         address = ""
         if opts.sharing:
@@ -290,7 +296,8 @@ async def open_group(redis, secret: str, opts: GroupOptions, cache,
 
 async def _serve(host: str, port: int, node: GroupNode, task_status=trio.TASK_STATUS_IGNORED) -> None:
     try:
-        server_cm = open_peer_server(host, port, node._secret, _Source(node), stats=STATS, tls=node.tls_server)
+        server_cm = open_peer_server(host, port, node._secret, _Source(node), stats=node.metrics.peer_served,
+                                     tls=node.tls_server)
         server = await server_cm.__aenter__()
     except OSError as e:
         raise GroupError(f"cannot serve cache group peers on {host}:{port}: {e.strerror or e}") from None

@@ -358,7 +358,7 @@ class PeerServer:
         self.served = ServedCounters()
         self._secret = bytes(secret)
         self._source = source
-        self._stats = stats   # anything with add(name, n), e.g. jfscache's Stats
+        self._stats = stats   # anything with add(name, n), e.g. jfscache.metrics.Metrics.peer_served
         self._tls = tls  # server side of mutual TLS (tls_contexts), or plain TCP
 
     @property

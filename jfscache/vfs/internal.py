@@ -1,6 +1,6 @@
 """Virtual files under the mount's root, kept out of the namespace code:
 
-  .stats     the data-path counters as JSON (`jfscache stats`)
+  .stats     the mount's metrics as JSON (jfscache/metrics.py; `jfscache stats`, `jfscache profile`)
   .control   a request channel: `jfscache warmup` writes one JSON request and
              reads JSON lines back (progress about twice a second, then the
              final report), as `juicefs warmup` talks to its .control file
@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..cache.stats import STATS
 from ..meta.engine import ROOT_INODE, Attr
 from . import fill
 
@@ -56,6 +55,7 @@ class ControlState:
 class Internal:
     def __init__(self, vfs):
         self.vfs = vfs
+        self.jobs: list[_Job] = []  # warmups running (jfscache_warmup_blocks_*)
 
     def lookup(self, parent: int, name: bytes) -> int | None:
         return NAMES.get(name) if parent == self.vfs.root else None
@@ -69,7 +69,7 @@ class Internal:
     def open(self, ino: int) -> ControlState:
         st = ControlState()
         if ino == STATS_INODE:
-            st.out += STATS.json()
+            st.out += self.vfs.metrics.json()
             st.closed = True
         return st
 
@@ -117,12 +117,18 @@ class Internal:
 
     async def _run(self, job: _Job, targets, mode: str, threads: int) -> None:
         v = self.vfs
+        self.jobs.append(job)
         try:
             with job.scope:
                 await fill.run(v.meta, v.warmer, v.volume, v.bs, targets, mode, threads, job.progress)
         finally:
+            self.jobs.remove(job)
             job.progress.finished = True
             job.done.set()
+
+    def warmups(self) -> list[fill.Progress]:
+        """The progress of the running warmup jobs."""
+        return [j.progress for j in tuple(self.jobs)]
 
     def release(self, st: ControlState) -> None:
         # A warmup in the foreground stops with its caller (Ctrl-C); one

@@ -20,8 +20,8 @@ import trio
 
 from ..layout import CHUNK_SIZE, MAX_FILE_SIZE, Segment, block_key, resolve, slice_block_keys
 from ..meta.engine import HEARTBEAT, ROOT_INODE, Attr, Meta, RedisUnavailable, Slice
-from ..cache.stats import STATS
 from ..cache.blocks import MissingBlock
+from ..metrics import Metrics
 from .compact import COMPACT_AT, SLOW_AT, compact_chunk
 from .internal import NAMES, Internal
 from .reader import read_segments
@@ -77,9 +77,10 @@ class _OpenFile:
 
 
 class VFS:
-    def __init__(self, meta: Meta, cache, opts: Options, warmer=None):
+    def __init__(self, meta: Meta, cache, opts: Options, warmer=None, metrics: Metrics | None = None):
         self.meta = meta
         self.cache = cache
+        self.metrics = metrics if metrics is not None else Metrics()
         self.opts = opts
         self.warmer = warmer  # where warmup sends blocks (fill.Warmer): the cache group or the local cache
         self.internal = Internal(self)
@@ -207,7 +208,7 @@ class VFS:
     async def _compact(self, ino: int, indx: int, done: trio.Event) -> None:
         try:
             if await compact_chunk(self.meta, self.cache, self.volume, self.bs, ino, indx):
-                STATS.add("compactions")
+                self.metrics.compactions += 1
                 of = self.files.get(ino)
                 if of is not None:
                     of.chunks.pop(indx, None)
@@ -472,8 +473,7 @@ class VFS:
             await self._writer(h.ino).append(data)
         else:
             await self._writer(h.ino).write(off, data)
-        STATS.add("fuse_writes")
-        STATS.add("fuse_write_bytes", len(data))
+        self.metrics.fuse_write_bytes += len(data)
         return len(data)
 
     async def flush(self, fh: int) -> None:
@@ -566,8 +566,7 @@ class VFS:
         if off >= end:
             return b""
         self._readahead(h, of, off, end)
-        STATS.add("fuse_reads")
-        STATS.add("fuse_read_bytes", end - off)
+        self.metrics.fuse_read_bytes += end - off
         pieces = []
         pos = off
         while pos < end:
