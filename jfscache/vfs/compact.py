@@ -23,6 +23,7 @@ import trio
 
 from ..layout import Segment, block_key, resolve
 from ..meta.engine import Slice
+from ..cache.blocks import MissingBlock
 from .reader import read_segments
 
 log = logging.getLogger(__name__)
@@ -59,16 +60,24 @@ async def compact_chunk(meta, cache, volume: str, bs: int, ino: int, indx: int, 
 
     try:
         for start, end in _runs(segs):
-            data = b"".join(await read_segments(cache, volume, bs, segs, start, end - start))
+            try:
+                data = b"".join(await read_segments(cache, volume, bs, segs, start, end - start))
+            except MissingBlock:
+                # The list read above is out of date (a truncate, an unlink or
+                # another compaction removed those objects since), or a block
+                # is lost, which fsck reports: either way, not this chunk now.
+                log.debug("chunk %d of inode %d changed while being compacted; skipped", indx, ino)
+                break
             sid = await meta.new_slice_id()
             async with trio.open_nursery() as n:
                 for i in range(0, len(data), bs):
                     piece = memoryview(data)[i:i + bs]
                     n.start_soon(put, block_key(volume, sid, i // bs, len(piece)), piece)
             new.append(Slice(start, sid, len(data), 0, len(data)))
-        if await meta.compact_commit(ino, indx, raw, new):
-            log.debug("compacted chunk %d of inode %d: %d slices -> %d", indx, ino, len(raw), len(new))
-            return True
+        else:  # every run was read
+            if await meta.compact_commit(ino, indx, raw, new):
+                log.debug("compacted chunk %d of inode %d: %d slices -> %d", indx, ino, len(raw), len(new))
+                return True
     except BaseException:
         await _discard(cache, volume, bs, new)
         raise
