@@ -73,7 +73,7 @@ class FakeSource:
 
 
 class Served:
-    """A stats sink like jfscache's Stats (add(name, n))."""
+    """A stats sink with add(name, n), as the peer server expects."""
 
     def __init__(self):
         self.c = {}
