@@ -57,6 +57,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from helpers import first_diff
+
 KiB, MiB = 1 << 10, 1 << 20
 BLOCK = 4 * MiB
 CHUNK = 64 * MiB
@@ -115,19 +117,6 @@ class FsxError(Exception):
 
 class Mismatch(FsxError):
     """What was read differs from the model."""
-
-
-def first_diff(a, b) -> int:
-    n = min(len(a), len(b))
-    lo, step = 0, 1 << 16
-    while lo < n:
-        hi = min(n, lo + step)
-        if a[lo:hi] != b[lo:hi]:
-            for i in range(lo, hi):
-                if a[i] != b[i]:
-                    return i
-        lo = hi
-    return n
 
 
 def _hex(b) -> str:

@@ -347,16 +347,21 @@ class LoadGen:
             rec.idx = len(self._pub)
             self._pub.append(rec)
 
+    def _unpublish(self, rec: FileRec) -> None:
+        """Take rec out of the readers' pool (O(1): the last entry fills its
+        slot). The caller holds self.cond."""
+        if rec.idx >= 0:
+            last = self._pub.pop()
+            if last is not rec:
+                self._pub[rec.idx] = last
+                last.idx = rec.idx
+            rec.idx = -1
+
     def _withdraw(self, rec: FileRec, until: str, timeout: float = 300) -> None:
         """Take rec out of the readers' pool and wait until no reader is in
         open() (until="opening") or has it open at all (until="open")."""
         with self.cond:
-            if rec.idx >= 0:
-                last = self._pub.pop()
-                if last is not rec:
-                    self._pub[rec.idx] = last
-                    last.idx = rec.idx
-                rec.idx = -1
+            self._unpublish(rec)
             if not self.cond.wait_for(lambda: getattr(rec, until) == 0, timeout):
                 raise TimeoutError(f"readers still have {rec.path} after {timeout:.0f} s")
 
@@ -430,12 +435,7 @@ class LoadGen:
     def _forget(self, rec: FileRec, own: list[FileRec]) -> None:
         """An op on rec failed: its content is unknown from now on."""
         with self.cond:
-            if rec.idx >= 0:
-                last = self._pub.pop()
-                if last is not rec:
-                    self._pub[rec.idx] = last
-                    last.idx = rec.idx
-                rec.idx = -1
+            self._unpublish(rec)
         if rec in own:
             own.remove(rec)
         self.uncertain.add(rec.path)
