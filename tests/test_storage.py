@@ -441,6 +441,7 @@ def test_s3_store_survives_loop_change(moto_url):
     async def second():
         try:
             assert await s.get("k") == b"v"
+            assert await s.head("k") == 1  # (block GETs do not need the client)
             return s._client
         finally:
             await s.close()

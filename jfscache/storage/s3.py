@@ -1,9 +1,11 @@
-"""S3 object store on aiobotocore, driven from trio through trio-asyncio.
+"""S3 object store: block GETs and PUTs through obstore on worker threads
+(s3blocks.py), everything else on aiobotocore, driven from trio through
+trio-asyncio.
 
 The caller's trio program must run inside `trio_asyncio.open_loop()` (see
-`run_with_loop`). Each operation is one asyncio coroutine (request plus body
-read) entered with one `aio_as_trio` hop, so per-request overhead stays at a
-single trio<->asyncio switch.
+`run_with_loop`). Each aiobotocore operation is one asyncio coroutine
+(request plus body read) entered with one `aio_as_trio` hop, so per-request
+overhead stays at a single trio<->asyncio switch.
 """
 from __future__ import annotations
 
@@ -13,14 +15,12 @@ import random
 import re
 import time
 from typing import AsyncIterator
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import trio
 import trio_asyncio
 from aiobotocore.session import get_session
-from botocore.auth import S3SigV4Auth
-from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -47,6 +47,7 @@ from .base import (
     check_key,
     check_range,
 )
+from .s3blocks import BlockAnswer, ObstoreBlocks, TransferFailed
 
 # Error codes S3 (and compatible servers) use when the credentials or the
 # permissions are the problem.
@@ -211,13 +212,14 @@ class S3Storage(ObjectStorage):
         )
         self._client_cm = None
         self._client = None
-        # The direct GET/PUT path (see _aio_fast); path-style URLs only.
-        self._fast = style == "path"
-        self._signer = None
-        self._signer_until = 0.0
-        self._session = None
-        self._max_connections = max_connections
-        self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
+        # Block GETs and PUTs go through obstore (s3blocks.py) for path-style
+        # URLs, the form every S3-compatible server takes; AWS's
+        # virtual-hosted names keep the botocore path, as does anonymous access.
+        self._blocks = ObstoreBlocks(
+            self.endpoint, self.bucket, self.region, virtual_hosted=False,
+            connect_timeout=connect_timeout, read_timeout=read_timeout,
+            max_connections=max_connections) if style == "path" else None
+        self._blocks_until = 0.0
         self._loop = None  # the trio_asyncio loop the client was made in
         self._client_lock = trio.Lock()
 
@@ -239,7 +241,6 @@ class S3Storage(ObjectStorage):
                 # run_with_loop calls) needs a fresh client. The old one's
                 # loop is gone, so there is nothing left to close.
                 self._client_cm = self._client = None
-                self._session = self._signer = None
             if self._client is None:
                 cm = get_session().create_client(
                     "s3",
@@ -263,9 +264,7 @@ class S3Storage(ObjectStorage):
         try:
             return await trio_asyncio.aio_as_trio(self._aio_bounded)(fn, client, *args)
         except _Deadline:
-            raise Unreachable(
-                f"S3 {op}{' ' + key if key else ''} at {self.url} did not complete within "
-                f"{self._op_timeout:g} s (--io-timeout)") from None
+            raise self._deadline(op, key) from None
         except (BotoCoreError, ClientError, aiohttp.ClientError, asyncio.TimeoutError) as e:
             err = self.translate(e, op, key)
             # Some servers (SeaweedFS) answer a PUT into a missing bucket with
@@ -273,6 +272,51 @@ class S3Storage(ObjectStorage):
             if isinstance(err, AccessDenied) and await trio_asyncio.aio_as_trio(self._aio_bucket_missing)(client):
                 err = self.translate(_NO_SUCH_BUCKET, op, key)
             raise err from e
+
+    def _deadline(self, op: str, key: str | None) -> Unreachable:
+        return Unreachable(f"S3 {op}{' ' + key if key else ''} at {self.url} did not complete within "
+                           f"{self._op_timeout:g} s (--io-timeout)")
+
+    async def _use_blocks(self) -> bool:
+        """Whether block GETs and PUTs go through obstore. The credentials
+        botocore resolved (arguments, environment, ~/.aws) are handed over,
+        and read again every 5 minutes: temporary ones get refreshed."""
+        if self._blocks is None:
+            return False
+        if time.monotonic() >= self._blocks_until:
+            frozen = await self._run("connect", None, self._aio_credentials)
+            if frozen is None:  # anonymous: botocore knows how to send those
+                self._blocks = None
+                return False
+            self._blocks.set_credentials(frozen.access_key, frozen.secret_key, frozen.token)
+            self._blocks_until = time.monotonic() + 300
+        return True
+
+    async def _blocks_op(self, op: str, key: str, fn, *args):
+        """fn(*args), an ObstoreBlocks transfer, with the retries, deadline
+        and error mapping of the botocore path."""
+        with trio.move_on_after(self._op_timeout):
+            for attempt in range(1, self._max_attempts + 1):
+                try:
+                    return await fn(*args)
+                except BlockAnswer as e:
+                    if op == "get" and e.status == 416:
+                        return b""  # offset at/after the end: like reading past EOF
+                    if (e.status < 500 and e.status != 429) or attempt == self._max_attempts:
+                        name = "GetObject" if op == "get" else "PutObject"
+                        err = self.translate(_client_error(e.status, e.payload, name, attempt), op, key)
+                        if isinstance(err, AccessDenied) and await self._run(
+                                "check bucket", self.bucket, self._aio_bucket_missing):
+                            err = self.translate(_NO_SUCH_BUCKET, op, key)
+                        raise err from None
+                except TransferFailed as e:
+                    if attempt == self._max_attempts:
+                        if e.body:
+                            raise Unreachable(f"S3 endpoint {self.endpoint} broke off {op} {key} "
+                                              f"after {attempt} attempts: {e}") from None
+                        raise Unreachable(f"S3 endpoint {self.endpoint} does not answer: {e}") from None
+                await trio.sleep(backoff(attempt))
+        raise self._deadline(op, key)
 
     def translate(self, e: BaseException, op: str, key: str | None = None) -> StorageError:
         """Map a botocore/aiohttp exception to a StorageError with a clear message."""
@@ -338,54 +382,11 @@ class S3Storage(ObjectStorage):
             pass
         return False
 
-    async def _aio_fast(self, client, method: str, key: str, body=None, rng: str | None = None):
-        """One GET or PUT straight through aiohttp, signed by botocore's SigV4
-        signer, with the same bounded retries and error mapping as the
-        botocore path (errors are raised as botocore ClientErrors).
-
-        Why: botocore's per-request machinery (events, endpoint rules, user
-        agent, response parsing) costs ~0.5 ms of CPU per request, as much as
-        SeaweedFS takes to serve a 64 KiB block; for small files and for
-        many-block reads it was the daemon's largest cost (py-spy)."""
-        if self._signer is None or time.monotonic() > self._signer_until:
-            # Re-read every few minutes: temporary credentials get refreshed.
-            self._signer_until = time.monotonic() + 300
-            frozen = await client._request_signer._credentials.get_frozen_credentials()
-            self._signer = S3SigV4Auth(frozen, "s3", self.region)
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_connections),
-                timeout=aiohttp.ClientTimeout(sock_connect=self._connect_timeout, sock_read=self._read_timeout),
-                auto_decompress=False)
-        url = f"{self.endpoint}/{self.bucket}/{quote(key, safe='/~')}"
-        op = "GetObject" if method == "GET" else "PutObject"
-        for attempt in range(1, self._max_attempts + 1):
-            req = AWSRequest(method=method, url=url, data=body)
-            if rng:
-                req.headers["Range"] = rng
-            req.context["client_config"] = self._config  # carries payload_signing_enabled=False
-            self._signer.add_auth(req)
-            try:
-                async with self._session.request(method, url, data=body, headers=dict(req.headers.items())) as resp:
-                    payload = await resp.read()
-                    if resp.status in (200, 206):
-                        return payload if method == "GET" else None
-                    if method == "GET" and resp.status == 416:
-                        return b""  # offset at/after the end: like reading past EOF
-                    err = _client_error(resp.status, payload, op, attempt)
-                    if resp.status < 500 and resp.status != 429:
-                        raise err
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                if attempt == self._max_attempts:
-                    raise
-            else:
-                if attempt == self._max_attempts:
-                    raise err
-            await asyncio.sleep(backoff(attempt))
+    async def _aio_credentials(self, client):
+        creds = client._request_signer._credentials
+        return None if creds is None else await creds.get_frozen_credentials()
 
     async def _aio_get(self, client, key: str, rng: str | None) -> bytes:
-        if self._fast and client._request_signer._credentials is not None:
-            return await self._aio_fast(client, "GET", key, rng=rng)
         kw = {"Bucket": self.bucket, "Key": key}
         if rng:
             kw["Range"] = rng
@@ -408,8 +409,6 @@ class S3Storage(ObjectStorage):
         raise AssertionError("unreachable")
 
     async def _aio_put(self, client, key: str, body) -> None:
-        if self._fast and client._request_signer._credentials is not None:
-            return await self._aio_fast(client, "PUT", key, body=body)
         await client.put_object(Bucket=self.bucket, Key=key, Body=body)
 
     async def _aio_head(self, client, key: str) -> int | None:
@@ -455,6 +454,8 @@ class S3Storage(ObjectStorage):
 
     async def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
         check_key(key)
+        if await self._use_blocks():
+            return await self._blocks_op("put", key, self._blocks.put, key, data)
         await self._run("put", key, self._aio_put, key, _body(data))
 
     async def get(self, key: str, off: int = 0, limit: int = -1) -> bytes:
@@ -468,6 +469,8 @@ class S3Storage(ObjectStorage):
             rng = f"bytes={off}-"
         else:
             rng = None
+        if await self._use_blocks():
+            return await self._blocks_op("get", key, self._blocks.get, key, off, off + limit if limit > 0 else None)
         return await self._run("get", key, self._aio_get, key, rng)
 
     async def head(self, key: str) -> int | None:
@@ -501,9 +504,6 @@ class S3Storage(ObjectStorage):
         await super().check()
 
     async def close(self) -> None:
-        session, self._session, self._signer = self._session, None, None
-        if session is not None and self._loop is trio_asyncio.current_loop.get():
-            await trio_asyncio.aio_as_trio(session.close)()
         cm, self._client_cm, self._client = self._client_cm, None, None
         if cm is not None and self._loop is trio_asyncio.current_loop.get():
             await trio_asyncio.aio_as_trio(cm.__aexit__)(None, None, None)
