@@ -16,21 +16,33 @@ class SecretsError(ValueError):
     """The secrets file is unusable (one line, for the CLI)."""
 
 
-def load(path: str) -> list[str]:
-    """Put the file's secrets into this process's environment (children,
-    such as a background mount, inherit them); the names that were set."""
+def read(path: str, what: str = "secrets file", private: bool = True) -> tuple[str, os.stat_result]:
+    """The text and stat of `path`, a regular file (a symlink is refused, so
+    the file checked is the file read); with `private`, one that group and
+    others cannot read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as e:
-        raise SecretsError(f"cannot read secrets file {path}: {e.strerror}") from None
+        raise SecretsError(f"cannot read {what} {path}: {e.strerror}") from None
     with os.fdopen(fd) as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
-            raise SecretsError(f"secrets file {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise SecretsError(f"secrets file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
-                               f"chmod 600 {path}")
-        text = f.read()
+            raise SecretsError(f"{what} {path} is not a regular file")
+        if private:
+            check_private(path, st, what)
+        return f.read(), st
+
+
+def check_private(path: str, st: os.stat_result, what: str = "secrets file") -> None:
+    if st.st_mode & 0o077:
+        raise SecretsError(f"{what} {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                           f"chmod 600 {path}")
+
+
+def load(path: str) -> list[str]:
+    """Put the file's secrets into this process's environment (children,
+    such as a background mount, inherit them); the names that were set."""
+    text, _ = read(path)
     found = {}
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
