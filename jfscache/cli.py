@@ -5,6 +5,7 @@ line on stderr and exit status 1, never a traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -18,6 +19,7 @@ import time
 import click
 
 from . import __version__
+from .config import CONFIG_ENV, META_URL_ENV, add_envvars
 
 
 class Failure(Exception):
@@ -44,18 +46,97 @@ def parse_size(text: str, default_unit: str = "") -> int:
     return int(float(m.group(1)) * (1 << (10 * " KMGTP".index(unit or " "))))
 
 
-def _setup_logging(debug: bool, log_file: str | None) -> None:
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _syslog_priority(levelno: int) -> int:
+    for limit, prio in ((logging.DEBUG, 7), (logging.INFO, 6), (logging.WARNING, 4), (logging.ERROR, 3)):
+        if levelno <= limit:
+            return prio
+    return 2
+
+
+class _JournalFormatter(logging.Formatter):
+    """sd-daemon(3) lines: journald reads the `<N>` syslog priority off each
+    line of a stream (a traceback's lines too) and adds its own timestamps."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{_syslog_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines())
+
+
+def _is_journal(stream) -> bool:
+    """systemd sets JOURNAL_STREAM=DEV:INODE when stdout/stderr go to the
+    journal; a process whose stderr was redirected since inherits the
+    variable but not the stream, hence the comparison."""
+    try:
+        dev, ino = (int(x) for x in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def _setup_logging(level: str, log_file: str | None, stream=None) -> logging.Handler:
+    """The mount's one log: `log_file`, else stderr, as journal lines when
+    stderr is the journal. Replaces what an earlier call set up."""
+    stream = stream or sys.stderr
+    if log_file:
+        handler = logging.FileHandler(log_file)
+    else:
+        handler = logging.StreamHandler(stream)
+    if not log_file and _is_journal(stream):
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.jfscache = True
     root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "jfscache", False)]:
+        root.removeHandler(old)
+        old.close()
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.setLevel(level.upper())
     for noisy in ("botocore", "aiobotocore", "urllib3", "asyncio", "trio_asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    return handler
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _examples(*lines: str) -> str:
+    """An epilog for --help; \\b keeps click from rewrapping it."""
+    return "\b\nExamples:\n" + "\n".join("  " + line for line in lines)
+
+
+def _use_config(ctx: click.Context, param, path: str | None) -> None:
+    """--config: the file's values become this command's defaults (below the
+    command line and the environment). Eager, so it runs before the options
+    that read those defaults."""
+    if not path:
+        return
+    from . import config
+    loaded = config.load(path, cli.commands["mount"])
+    if ctx.command is cli:
+        ctx.default_map = {**(ctx.default_map or {}), **loaded}
+        return
+    ctx.default_map = {**(ctx.default_map or {}), **loaded.get(ctx.info_name, {})}
+    # `jfscache mount --config F`: the root's --secrets-file was settled
+    # before F was read; F's applies unless the command line or environment gave one.
+    if loaded.get("secrets_file") and not ctx.find_root().params.get("secrets_file"):
+        from . import secrets
+        secrets.load(loaded["secrets_file"])
+
+
+def _config_option(**kw):
+    return click.option("--config", metavar="FILE", is_eager=True, expose_value=False, callback=_use_config,
+                        help="TOML file of mount options and meta-url; below the command line and "
+                             "JFSCACHE_* variables (see 'jfscache mount --help')", **kw)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_examples(
+    "jfscache mount /mnt/jfs                     # the embedded volume, no setup",
+    "jfscache --config /etc/jfscache/research.toml mount /mnt/research",
+    "jfscache COMMAND --help                     # each command's options and examples"))
 @click.version_option(__version__)
+@_config_option(envvar=CONFIG_ENV)
 @click.option("--secrets-file", envvar="JFSCACHE_SECRETS_FILE", metavar="FILE",
               help="KEY=VALUE lines (mode 0600) for META_PASSWORD and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                    "so no secret is on a command line")
@@ -70,7 +151,10 @@ def cli(secrets_file):
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 
 
-@cli.command()
+@cli.command(epilog=_examples(
+    "export AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...",
+    "jfscache format redis://meta:6379/1 research --storage s3 --bucket http://s3:9000/research",
+    "jfscache format redis://meta:6379/2 scratch --bucket /data/jfs-blocks   # a local directory store"))
 @click.argument("meta_url")
 @click.argument("name")
 @click.option("--storage", type=click.Choice(["s3", "file"]), default="file", show_default=True,
@@ -83,7 +167,9 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 def format(meta_url, name, storage, bucket, block_size, capacity, inodes, force):
     """Create a volume: its bucket (if missing) and its settings in Redis.
 
-    S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws."""
+    S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws.
+    META_URL is always given here (never from a config file or the
+    environment): a format aimed at the wrong volume is not undone."""
     from .meta.engine import Meta, volume_settings
     from .storage import create_storage, run_with_loop
 
@@ -131,15 +217,38 @@ def _redacted(url: str) -> str:
 
 
 # ---- status -----------------------------------------------------------------
-@cli.command()
-@click.argument("meta_url")
+# Not given: JFSCACHE_META_URL, meta-url of a --config file, else the embedded volume.
+_meta_url_argument = click.argument("meta_url", required=False, envvar=META_URL_ENV)
+
+
+@contextlib.contextmanager
+def _volume_url(meta_url: str | None, command: str):
+    """META_URL, or the embedded volume's, reachable while it is unmounted
+    too: its redis-server runs for the duration of the command."""
+    if meta_url:
+        yield meta_url
+        return
+    from . import embedded
+    state = embedded.state_dir()
+    if not embedded.exists(state):
+        raise Failure(f"no META_URL given (nor {META_URL_ENV}, nor meta-url in a --config file), and there is "
+                      f"no embedded volume in {state} yet: 'jfscache mount MOUNTPOINT' creates it")
+    with embedded.redis_for_command(state, command) as url:
+        yield url
+
+
+@cli.command(epilog=_examples(
+    "jfscache status                          # the embedded volume (mounted or not)",
+    "jfscache status redis://meta:6379/1",
+    "JFSCACHE_META_URL=redis://meta:6379/1 jfscache status"))
+@_meta_url_argument
 def status(meta_url):
     """Show a volume's settings (secrets masked) and its active sessions."""
     from .meta.engine import Meta
     from .storage import run_with_loop
 
-    async def run():
-        meta = Meta(meta_url)
+    async def run(url):
+        meta = Meta(url)
         try:
             settings = dict(await meta.load())
             stats = await meta.statfs()
@@ -147,7 +256,8 @@ def status(meta_url):
         finally:
             await meta.aclose()
 
-    settings, sessions, (_, used, _, inodes), pending = run_with_loop(run)
+    with _volume_url(meta_url, "status") as url:
+        settings, sessions, (_, used, _, inodes), pending = run_with_loop(run, url)
     for k in ("secret_key", "group_secret"):
         if settings.get(k):
             settings[k] = "****"
@@ -157,8 +267,13 @@ def status(meta_url):
 
 
 # ---- mount ------------------------------------------------------------------
-@cli.command(context_settings={"ignore_unknown_options": False})
+@cli.command(context_settings={"ignore_unknown_options": False}, epilog=_examples(
+    "jfscache mount /mnt/jfs                  # the embedded volume",
+    "jfscache mount redis://meta:6379/1 /mnt/research --cache-dir /nvme/jfs --cache-size 400G -d",
+    "JFSCACHE_CACHE_SIZE=400G jfscache mount redis://meta:6379/1 /mnt/research",
+    "jfscache mount --config /etc/jfscache/research.toml /mnt/research"))
 @click.argument("args", nargs=-1, required=True, metavar="[META_URL] MOUNTPOINT")
+@_config_option()
 @click.option("--cache-dir", "cache_dirs", multiple=True, help="disk cache directory (repeatable)")
 @click.option("--cache-size", default="10G", show_default=True, help="disk cache size (MiB if no unit); 0 disables it")
 @click.option("--free-space-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 0.9),
@@ -209,17 +324,31 @@ def status(meta_url):
 @click.option("--metrics", "metrics_listen", metavar="HOST:PORT",
               help="serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 0.0.0.0:9567; default: off)")
 @click.option("-d", "--background", is_flag=True, help="run in the background")
-@click.option("--log", "log_file", help="log file (default for -d: <cache dir>/jfscache.log)")
-@click.option("--debug", is_flag=True, help="debug logging")
+@click.option("--log", "log_file", help="log file (default: stderr, or the journal under systemd; "
+                                         "for -d: <cache dir>/jfscache.log)")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
+              help="least severe messages logged")
+@click.option("--debug", is_flag=True, help="debug logging (--log-level debug)")
 def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer_size, max_uploads, prefetch,
           attr_timeout, entry_timeout, read_ahead_kb, readdir_cache, compact_grace, meta_timeout, meta_wait_replicas,
           io_retries, io_timeout, writeback, subdir, cache_group, group_listen, group_weight, group_timeout,
-          no_sharing, group_tls_cert, group_tls_key, group_tls_ca, metrics_listen, background, log_file, debug):
-    """Mount a volume. Without META_URL, mount the embedded default volume
-    (a private redis-server and a local block directory under ~/.local/state/jfscache)."""
+          no_sharing, group_tls_cert, group_tls_key, group_tls_ca, metrics_listen, background, log_file, log_level,
+          debug):
+    """Mount a volume. Without META_URL (nor JFSCACHE_META_URL, nor meta-url
+    in the --config file), mount the embedded default volume (a private
+    redis-server and a local block directory under ~/.local/state/jfscache).
+
+    Every option but -d can also come from the environment, as JFSCACHE_ and
+    its name (JFSCACHE_CACHE_DIR='/nvme/a /nvme/b', JFSCACHE_WRITEBACK=1), and
+    from a TOML --config file by its name (cache-dir = ["/nvme/a"],
+    cache-size = "400G"). The command line wins over the environment, which
+    wins over the file, which wins over the defaults shown."""
     if len(args) > 2:
         raise Failure("usage: jfscache mount [META_URL] MOUNTPOINT")
     meta_url, mountpoint = (None, args[0]) if len(args) == 1 else args
+    if meta_url is None:
+        ctx = click.get_current_context()
+        meta_url = os.environ.get(META_URL_ENV) or (ctx.default_map or {}).get("meta_url")
     mountpoint = os.path.abspath(mountpoint)
     _recover_stale(mountpoint)
     if not os.path.isdir(mountpoint):
@@ -250,7 +379,7 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
     if background:
         _daemonize(log_file or os.path.join(cache_dirs[0], "jfscache.log"), mountpoint)
         return
-    _setup_logging(debug, log_file)
+    _setup_logging("debug" if debug else log_level, log_file)
 
     from .daemon import MountConfig, run_mount
     from .group.node import GroupOptions
@@ -287,6 +416,9 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
     finally:
         from .embedded import stop_redis
         stop_redis(redis_proc)
+
+
+add_envvars(mount)
 
 
 def _recover_stale(mountpoint: str) -> None:
@@ -358,7 +490,9 @@ def _daemonize(log_file: str, mountpoint: str) -> None:
 
 
 # ---- umount -----------------------------------------------------------------
-@cli.command()
+@cli.command(epilog=_examples(
+    "jfscache umount /mnt/research",
+    "jfscache umount -f /mnt/research         # busy: detach now, finish when the last user leaves"))
 @click.argument("mountpoint")
 @click.option("-f", "--force", is_flag=True, help="lazy unmount even if busy")
 def umount(mountpoint, force):
@@ -381,7 +515,10 @@ def _mount_root(path: str) -> str:
     return p
 
 
-@cli.command()
+@cli.command(epilog=_examples(
+    "jfscache warmup /mnt/research/market/2024 --threads 64",
+    "jfscache warmup --check --json /mnt/research/market      # gate a job on cached_ratio",
+    "jfscache warmup --meta redis://meta:6379/1 /market/2024  # from a machine with no mount"))
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--threads", default=50, show_default=True, type=click.IntRange(1, 1024),
               help="blocks warmed at once")
@@ -394,13 +531,7 @@ def _mount_root(path: str) -> str:
 def warmup(paths, threads, mode, background, as_json, meta_url, cache_group):
     """Fill the cache (the whole cache group, from any member) with the
     blocks of PATHS, files or directories, before a job reads them. S3
-    serves each block once: each goes to its owner in the group.
-
-    \b
-    Examples:
-      jfscache warmup /mnt/research/market/2024 --threads 64
-      jfscache warmup --check --json /mnt/research/market      # gate a job on cached_ratio
-      jfscache warmup --meta redis://meta:6379/1 /market/2024  # from a machine with no mount"""
+    serves each block once: each goes to its owner in the group."""
     mode = mode or "warm"
     if meta_url:
         if background:
@@ -566,14 +697,14 @@ def _print_warmup(r: dict) -> None:
 
 
 # ---- fsck and gc ------------------------------------------------------------
-def _with_volume(meta_url: str, fn):
+def _with_volume(meta_url: str | None, command: str, fn):
     """Run fn(meta, storage) against a volume, without a mount."""
     from .daemon import open_storage
     from .meta.engine import Meta
     from .storage import run_with_loop
 
-    async def run():
-        meta = Meta(meta_url)
+    async def run(url):
+        meta = Meta(url)
         try:
             storage = open_storage(await meta.load())
             try:
@@ -583,22 +714,23 @@ def _with_volume(meta_url: str, fn):
         finally:
             await meta.aclose()
 
-    return run_with_loop(run)
+    with _volume_url(meta_url, command) as url:
+        return run_with_loop(run, url)
 
 
-@cli.command()
-@click.argument("meta_url")
+@cli.command(epilog=_examples(
+    "jfscache fsck                            # the embedded volume (mounted or not)",
+    "jfscache fsck redis://meta:6379/1 --repair"))
+@_meta_url_argument
 @click.option("--repair", is_flag=True, help="fix counters, dangling entries, dead sessions and leaked chunk lists")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def fsck(meta_url, repair, as_json):
     """Check a volume: blocks missing from the store, slices no file
     references, used-space and inode counters, dangling directory entries,
-    sessions whose owners died. Exit status 1 if problems remain.
-
-    Example: jfscache fsck redis://meta:6379/1 --repair"""
+    sessions whose owners died. Exit status 1 if problems remain."""
     from . import maintenance
 
-    report = _with_volume(meta_url, lambda meta, storage: maintenance.fsck(meta, storage, repair))
+    report = _with_volume(meta_url, "fsck", lambda meta, storage: maintenance.fsck(meta, storage, repair))
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -628,8 +760,10 @@ def fsck(meta_url, repair, as_json):
         sys.exit(1)  # no repair brings lost data back
 
 
-@cli.command()
-@click.argument("meta_url")
+@cli.command(epilog=_examples(
+    "jfscache gc --dry-run                    # the embedded volume (mounted or not)",
+    "jfscache gc redis://meta:6379/1 --compact"))
+@_meta_url_argument
 @click.option("--dry-run", is_flag=True, help="only report what would be deleted")
 @click.option("--compact", is_flag=True, help="also rewrite every chunk of more than one slice as one")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
@@ -637,16 +771,14 @@ def gc(meta_url, dry_run, compact, as_json):
     """Delete objects that no file references (leaked by crashes or failed
     writes) and, with --compact, defragment every chunk. An unreferenced
     object is deleted only if its slice was created before the previous gc
-    run, so an upload in progress is never taken for garbage.
-
-    Example: jfscache gc redis://meta:6379/1 --dry-run"""
+    run, so an upload in progress is never taken for garbage."""
     from . import maintenance
     from .cache.blocks import BlockCache
 
     async def run(meta, storage):
         return await maintenance.gc(meta, storage, BlockCache(storage, 64 << 20), dry_run, compact)
 
-    report = _with_volume(meta_url, run)
+    report = _with_volume(meta_url, "gc", run)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -660,20 +792,22 @@ def gc(meta_url, dry_run, compact, as_json):
 
 
 # ---- group ------------------------------------------------------------------
-@cli.group()
+@cli.group(epilog=_examples(
+    "jfscache group status redis://meta:6379/1",
+    "jfscache mount redis://meta:6379/1 /mnt/research --cache-group research -d   # join one"))
 def group():
     """Cache groups: nodes that share one block cache."""
 
 
-@group.command("status")
+@group.command("status", epilog=_examples(
+    "jfscache group status redis://meta:6379/1 research",
+    "jfscache group status redis://meta:6379/1 --json"))
 @click.argument("meta_url")
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def group_status(meta_url, name, as_json):
     """List the members of a volume's cache groups (or of group NAME):
-    address, weight, cached bytes, hit rate, requests served, last heartbeat.
-
-    Example: jfscache group status redis://meta:6379/1 research"""
+    address, weight, cached bytes, hit rate, requests served, last heartbeat."""
     from .group.membership import list_groups, list_members
     from .meta.engine import Meta
     from .storage import run_with_loop
@@ -737,7 +871,10 @@ def _refresh(first, interval: float, frame) -> None:
         pass
 
 
-@cli.command()
+@cli.command(epilog=_examples(
+    "jfscache stats /mnt/research                 # live, until Ctrl-C",
+    "jfscache stats /mnt/research --once          # one view, rates over --interval",
+    "jfscache stats /mnt/research --json          # the raw counters"))
 @click.argument("mountpoint")
 @click.option("--once", is_flag=True, help="print one view and exit (for scripts)")
 @click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.1, 3600),
@@ -748,13 +885,7 @@ def _refresh(first, interval: float, frame) -> None:
 def stats(mountpoint, once, interval, as_json):
     """Show a mounted volume's metrics, refreshed every second: read and
     write throughput, FUSE operations/s, hit ratio per cache tier (mem, disk,
-    staging, group), object-store and cache-group traffic, buffer use.
-
-    \b
-    Examples:
-      jfscache stats /mnt/research                 # live, until Ctrl-C
-      jfscache stats /mnt/research --once          # one view, rates over --interval
-      jfscache stats /mnt/research --json          # the raw counters"""
+    staging, group), object-store and cache-group traffic, buffer use."""
     from .monitor import stats_view
     if as_json or (not once and not sys.stdout.isatty()):
         click.echo(json.dumps(_snapshot(mountpoint), indent=1))
@@ -777,7 +908,9 @@ def stats(mountpoint, once, interval, as_json):
     _refresh(stats_view(mountpoint, prev, {}, prev.get("uptime_seconds") or 0), interval, frame)
 
 
-@cli.command()
+@cli.command(epilog=_examples(
+    "jfscache profile /mnt/research               # live, since the command started",
+    "jfscache profile /mnt/research --once        # since the mount started"))
 @click.argument("mountpoint")
 @click.option("--once", is_flag=True, help="print one view and exit (for scripts)")
 @click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.1, 3600),
@@ -787,9 +920,7 @@ def profile(mountpoint, once, interval, top):
     """Show the FUSE operations of a mounted volume that take the most
     time: calls, calls/s, total and mean time per operation, refreshed
     every second since the command started (--once: since the mount
-    started).
-
-    Example: jfscache profile /mnt/research --once"""
+    started)."""
     from .monitor import profile_view
     base, t = _snapshot(mountpoint), time.monotonic()
     if once:
@@ -806,6 +937,18 @@ def _leaf(e: BaseException) -> BaseException:
     return e
 
 
+def _env_origin(e: click.UsageError) -> str:
+    """' (from JFSCACHE_X=...)' when a bad value came from the environment:
+    nothing on the command line shows it."""
+    p = getattr(e, "param", None)
+    envvar = getattr(p, "envvar", None)
+    if not isinstance(envvar, str) or not os.environ.get(envvar):
+        return ""
+    if any(a == o or a.startswith(o + "=") for a in sys.argv[1:] for o in p.opts):
+        return ""
+    return f" (from {envvar}={os.environ[envvar]})"
+
+
 def main():
     # Library warnings (e.g. "Redis is unreachable") reach a user of a
     # command through its one error line; only a mount sets up a log.
@@ -820,7 +963,7 @@ def main():
     except click.UsageError as e:
         # One line, as for every other error, with where to look.
         cmd = e.ctx.command_path if e.ctx is not None else "jfscache"
-        click.echo(f"jfscache: error: {e.format_message()} (see '{cmd} --help')", err=True)
+        click.echo(f"jfscache: error: {e.format_message()}{_env_origin(e)} (see '{cmd} --help')", err=True)
         sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()

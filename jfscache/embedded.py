@@ -8,6 +8,7 @@ data path above the store is the same; S3 is what the tests exercise.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -34,15 +35,65 @@ def _answers(sock: str) -> bool:
         return False
 
 
+def _lock(state: str, owner: str) -> int:
+    from .fsutil import hold_lock
+    os.makedirs(state, mode=0o700, exist_ok=True)
+    return hold_lock(os.path.join(state, "mount.lock"), f"the embedded volume in {state}", owner)
+
+
 def lock_state(state: str, mountpoint: str) -> None:
     """One daemon per embedded volume: a second would share its private
     redis-server (and stop it at its own unmount) and its cache directory.
     The lock is held until this process exits."""
-    from .fsutil import hold_lock
-    os.makedirs(state, mode=0o700, exist_ok=True)
-    hold_lock(os.path.join(state, "mount.lock"), f"the embedded volume in {state}",
-              f"the jfscache mount at {mountpoint} (pid {os.getpid()}); unmount it first, "
-              "or set XDG_STATE_HOME for a second embedded volume")
+    _lock(state, f"the jfscache mount at {mountpoint} (pid {os.getpid()}); unmount it first, "
+                 "or set XDG_STATE_HOME for a second embedded volume")
+
+
+def exists(state: str) -> bool:
+    """Formatted once: the format made its block directory."""
+    return os.path.isdir(os.path.join(state, "blocks"))
+
+
+@contextlib.contextmanager
+def redis_for_command(state: str, command: str):
+    """The URL of the embedded volume's redis-server for one command (status,
+    fsck, gc): the mount's while it is mounted, else one started for the
+    command and stopped after it. The command holds the mount lock
+    meanwhile, so a mount starting then cannot take over a redis-server the
+    command is about to stop."""
+    from .fsutil import Busy
+    try:
+        fd = _lock(state, f"a 'jfscache {command}' command (pid {os.getpid()}); wait until it has finished")
+    except Busy:
+        fd = None
+    if fd is None:
+        yield _mounts_redis(state)
+        return
+    try:
+        url, proc = start_redis(state)  # proc is None for a redis-server left by a killed mount
+        try:
+            yield url
+        finally:
+            stop_redis(proc)
+    finally:
+        os.close(fd)
+
+
+def _mounts_redis(state: str) -> str:
+    """The URL of the redis-server of the mount that holds the lock, once it
+    answers (a mount starting starts it first)."""
+    sock = os.path.join(state, "redis.sock")
+    deadline = time.monotonic() + 10
+    while not _answers(sock):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the embedded volume in {state} is mounted, but its redis-server ({sock}) "
+                               "does not answer")
+        time.sleep(0.1)
+    return _url(sock)
+
+
+def _url(sock: str) -> str:
+    return f"unix://{sock}?db=0"
 
 
 def start_redis(state: str) -> tuple[str, subprocess.Popen | None]:
@@ -50,7 +101,7 @@ def start_redis(state: str) -> tuple[str, subprocess.Popen | None]:
     Returns its URL and the process we started (None if reused)."""
     os.makedirs(state, mode=0o700, exist_ok=True)
     sock = os.path.join(state, "redis.sock")
-    url = f"unix://{sock}?db=0"
+    url = _url(sock)
     if _answers(sock):
         return url, None
     exe = shutil.which("redis-server")
