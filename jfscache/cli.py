@@ -460,7 +460,13 @@ def _embedded_volume(mountpoint: str):
         finally:
             await meta.aclose()
 
-    run_with_loop(ensure_formatted)
+    try:
+        run_with_loop(ensure_formatted)
+    except BaseException:
+        # The mount will not start: nothing else would stop this redis-server.
+        from .embedded import stop_redis
+        stop_redis(proc)
+        raise
     return url, proc
 
 
