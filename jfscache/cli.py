@@ -847,6 +847,72 @@ def group_status(meta_url, name, as_json):
                        f"{i.get('served', 0):>8} {now - m.heartbeat:>8.1f}s ago")
 
 
+def _control(mountpoint: str, request: dict) -> dict:
+    """One request on MOUNTPOINT/.control and its one-line answer."""
+    control = os.path.join(_mount_root(mountpoint), ".control")
+    try:
+        fd = os.open(control, os.O_RDWR)
+    except OSError as e:
+        raise Failure(f"cannot open {control}: {e.strerror} (is {mountpoint} a jfscache mount?)")
+    try:
+        os.write(fd, (json.dumps(request) + "\n").encode())
+        answer = json.loads(os.pread(fd, 1 << 16, 0).split(b"\n", 1)[0])
+    finally:
+        os.close(fd)
+    if answer.get("error"):
+        msg = answer["error"]
+        if "unknown op" in msg:
+            msg = f"{mountpoint} is not a member of a cache group (mounted without --cache-group)"
+        raise Failure(msg)
+    return answer
+
+
+@group.command("weight", epilog=_examples(
+    "jfscache group weight /mnt/research 2     # this member takes twice its share",
+    "jfscache group weight /mnt/research 1     # back to normal after a drain"))
+@click.argument("mountpoint")
+@click.argument("weight", type=click.FloatRange(min=0, max=1e6))
+def group_weight(mountpoint, weight):
+    """Change the weight (share of the blocks) of the group member mounted at
+    MOUNTPOINT, at run time. It lasts until the mount ends; a remount takes
+    --group-weight again."""
+    a = _control(mountpoint, {"op": "group-weight", "weight": weight})
+    click.echo(f"member {a['member']}: weight {a['was']:g} -> {a['weight']:g}")
+
+
+@group.command("drain", epilog=_examples(
+    "jfscache group drain /mnt/research && jfscache umount /mnt/research   # a scale-in (preStop)"))
+@click.argument("mountpoint")
+@click.option("--idle", type=click.FloatRange(min=0), default=10, show_default=True,
+              help="done once no peer asked this member for a block for this many seconds")
+@click.option("--timeout", type=click.FloatRange(min=0), default=300, show_default=True,
+              help="give up waiting after this many seconds (the drain itself stays)")
+def group_drain(mountpoint, idle, timeout):
+    """Drain the group member mounted at MOUNTPOINT before it leaves: its
+    weight becomes 0, so it owns no block any more; the blocks' new owners
+    fetch them from it on their next miss (not from S3) while it stays up.
+    Waits until peers stop asking (--idle), then returns; unmount after it.
+    A block nobody asked for by then comes from S3 when it is next read."""
+    a = _control(mountpoint, {"op": "group-weight", "weight": 0})
+    click.echo(f"member {a['member']}: weight {a['was']:g} -> 0; waiting until peers stop fetching from it")
+    start = time.monotonic()
+    served = last = _snapshot(mountpoint).get("peer_served_requests", 0)
+    quiet_since = start
+    while True:
+        time.sleep(min(1.0, idle) if idle else 0)
+        now_served = _snapshot(mountpoint).get("peer_served_requests", 0)
+        now = time.monotonic()
+        if now_served != last:
+            last, quiet_since = now_served, now
+        if now - quiet_since >= idle:
+            click.echo(f"drained: served {last - served} blocks to their new owners in {now - start:.0f} s")
+            return
+        if now - start >= timeout:
+            click.echo(f"still serving after {timeout:g} s ({last - served} blocks so far); "
+                       "the rest will come from S3")
+            return
+
+
 # ---- stats and profile --------------------------------------------------------
 def _snapshot(mountpoint: str) -> dict:
     from .monitor import read_snapshot

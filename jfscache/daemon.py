@@ -112,6 +112,8 @@ async def _serve(cfg: MountConfig) -> None:
             warmer = group
             log.info("member %s of cache group %s (%d members)", group.id, cfg.group.name, len(group.ring))
         vfs = VFS(meta, cache, cfg.opts, warmer, metrics)
+        if cfg.group is not None:
+            vfs.controls["group-weight"] = group.set_weight
         vfs.root = root
         metrics.watch(mem=cache.mem, disk=disk, budget=vfs.budget, staging=cache.staging,
                       warmups=vfs.internal.warmups)

@@ -115,6 +115,41 @@ def test_client_and_drained_members_own_nothing(make_volume, mount_volume):
     assert "2 sharing members, 1 clients" in r.stdout and f"127.0.0.1:{owner.port}" in r.stdout
 
 
+def test_drain_at_run_time_hands_blocks_to_their_new_owner(make_volume, mount_volume):
+    """`jfscache group drain` (a scale-in's preStop): the member's weight
+    becomes 0 at once, and the blocks it owned reach their new owner from it,
+    not from S3; `group weight` undoes it."""
+    vol = make_volume("s3")
+    keep, leave = member(mount_volume, vol), member(mount_volume, vol)
+    client = mount_volume(vol, None, "--cache-group", "g", "--no-sharing")
+    wait_members(client, 2)
+    files = {f"f{i}": os.urandom(9 * MiB) for i in range(2)}   # 6 blocks over two owners
+    for name, data in files.items():
+        (client.path / name).write_bytes(data)
+    client.remount(clear_cache=True)
+    wait_members(client, 2)
+    assert {p.name: d for p, d in read_all([client.path / n for n in files]).items()} == files
+    owned = stats(leave).get("store_gets", 0)
+    assert owned > 0 and stats(keep).get("store_gets", 0) + owned == 6
+
+    r = assert_ok(run_cli("group", "drain", str(leave.path), "--idle", "1", "--timeout", "60", env=vol.env))
+    assert "weight 1 -> 0" in r.stdout and "drained" in r.stdout, r.stdout
+    members = json.loads(assert_ok(run_cli("group", "status", vol.meta_url, "g", "--json", env=vol.env)).stdout)["g"]
+    assert {m["id"]: m["weight"] for m in members if m["address"]} == {f"127.0.0.1:{keep.port}": 1,
+                                                                       f"127.0.0.1:{leave.port}": 0}
+    served = stats(leave).get("peer_served_requests", 0)
+    client.remount(clear_cache=True)   # (its ring starts from the members' current weights)
+    before = stats(keep).get("store_gets", 0)
+    assert {p.name: d for p, d in read_all([client.path / n for n in files]).items()} == files
+    assert stats(keep).get("store_gets", 0) == before   # the drained member's blocks came from it
+    assert stats(leave).get("peer_served_requests", 0) - served == owned
+
+    r = assert_ok(run_cli("group", "weight", str(leave.path), "1", env=vol.env))
+    assert "weight 0 -> 1" in r.stdout
+    r = run_cli("group", "drain", str(client.path), env=vol.env)
+    assert r.returncode == 1 and "client of the group" in r.stderr, r.stderr
+
+
 def test_peers_must_know_the_group_secret(make_volume, mount_volume, redis_server):
     vol = make_volume("s3")
     m = member(mount_volume, vol)

@@ -211,6 +211,21 @@ class GroupNode:
         return n
 
     # ---- membership -------------------------------------------------------
+    async def set_weight(self, request: dict) -> dict:
+        """A .control request {"op": "group-weight", "weight": W}: this
+        member's share of the keys from now on (0 drains it). The others see
+        it at their next heartbeat; the blocks it owned move to their new
+        owners as after any ring change (they ask this member first, then S3)."""
+        weight = float(request["weight"])
+        if not (weight >= 0 and weight != float("inf")):
+            raise ValueError(f"weight must be a finite number >= 0, not {request['weight']!r}")
+        if not self.opts.sharing:
+            return {"error": "this node is a client of the group (--no-sharing): it owns nothing to drain"}
+        before, self.membership.weight = self.membership.weight, weight
+        self._update(await self.membership.beat(self._info()))
+        log.info("cache group %s: weight of this member %g -> %g", self.opts.name, before, weight)
+        return {"weight": weight, "was": before, "member": self.id}
+
     def _update(self, members: list[Member]) -> None:
         self.members = members
         ring = Ring({m.id: m.weight for m in members if m.sharing})

@@ -3,7 +3,9 @@
   .stats     the mount's metrics as JSON (jfscache/metrics.py; `jfscache stats`, `jfscache profile`)
   .control   a request channel: `jfscache warmup` writes one JSON request and
              reads JSON lines back (progress about twice a second, then the
-             final report), as `juicefs warmup` talks to its .control file
+             final report), as `juicefs warmup` talks to its .control file;
+             other layers register further requests in `vfs.controls` (one
+             answer line each), e.g. the cache group's weight change
 
 Both are answered with direct I/O, so the kernel neither caches them nor
 stops reading at their (nominal) size.
@@ -93,7 +95,12 @@ class Internal:
             return len(data)  # the request is one line; wait for its end
         try:
             req = json.loads(st.request)
-            self._start(st, req)
+            handler = self.vfs.controls.get(req.get("op"))
+            if handler is not None:
+                st.out += (json.dumps(await handler(req)) + "\n").encode()
+                st.closed = True
+            else:
+                self._start(st, req)
         except (ValueError, TypeError, KeyError) as e:
             st.out += (json.dumps({"error": f"bad control request: {e}"}) + "\n").encode()
             st.closed = True

@@ -15,6 +15,7 @@ import socket
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import trio
 
@@ -84,6 +85,8 @@ class VFS:
         self.opts = opts
         self.warmer = warmer  # where warmup sends blocks (fill.Warmer): the cache group or the local cache
         self.internal = Internal(self)
+        # Further .control requests: op -> async handler(request) -> answer (internal.py).
+        self.controls: dict[str, Callable[[dict], Awaitable[dict]]] = {}
         self.root = ROOT_INODE  # the mount's root directory (another one with --subdir)
         s = meta.settings
         self.volume = s["name"]
