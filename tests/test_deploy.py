@@ -6,8 +6,9 @@ known kind; every jfscache container runs one image; every `jfscache`
 command line (container commands, init containers, hooks, shell scripts,
 Fluid's FUSE command) parses with the click commands of jfscache.cli, so a
 renamed or removed option fails here; no secret reaches a command line;
-members have a preStop hook that unmounts their own mount point and a grace
-period that covers the daemon's shutdown; mounts propagate the right way.
+members have a preStop hook that drains (`group drain`) and then unmounts
+their own mount point, and a grace period that covers the drain's --timeout
+and the daemon's shutdown; mounts propagate the right way.
 """
 from __future__ import annotations
 
@@ -227,7 +228,7 @@ def test_command_lines_parse_with_the_real_cli():
             pytest.fail(f"{kind}/{name}/{c['name']}: jfscache {' '.join(line)}: {msg}")
         seen.add(path)
     # What the manifests are for: if one of these disappears, so did a use.
-    assert {"jfscache mount", "jfscache umount", "jfscache warmup"} <= seen, seen
+    assert {"jfscache mount", "jfscache umount", "jfscache warmup", "jfscache group drain"} <= seen, seen
 
 
 def test_the_parser_catches_a_wrong_option():
@@ -237,6 +238,13 @@ def test_the_parser_catches_a_wrong_option():
         _parse(["warmup", "--threads", "0", "/mnt/x"])
     assert _shell_commands('a && exec jfscache warmup --check "$D" > /tmp/x && b') == [
         ["warmup", "--check", "$D"]]
+    # subcommands of `group` are parsed too, options and all
+    with pytest.raises(click.NoSuchOption):
+        _parse(["group", "drain", "/mnt/x", "--wait", "10"])
+    with pytest.raises(click.BadParameter):
+        _parse(["group", "weight", "/mnt/x", "--", "-1"])
+    assert _parse(["group", "drain", "/mnt/x", "--timeout", "90"]) == (
+        "jfscache group drain", {"mountpoint": "/mnt/x", "idle": 10, "timeout": 90})
 
 
 def _secret_values() -> set[str]:
@@ -289,12 +297,22 @@ def test_members_have_a_prestop_hook_and_grace():
     for kind, name, c, pod, params in members:
         hook = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
         assert hook, f"{kind}/{name}: no preStop hook"
-        script = hook[-1]
-        umounts = [cmd for cmd in _shell_commands(script) if cmd and cmd[0] == "umount"]
-        assert umounts and umounts[0][-1] == _mountpoint(params), f"{kind}/{name}: preStop does not unmount"
-        # SIGTERM: staged uploads wait up to --io-timeout, disk-cache writes up
-        # to 30 s, leaving the group up to 5 s (jfscache/daemon.py, group/node.py).
-        assert pod["terminationGracePeriodSeconds"] >= params["io_timeout"] + 35
+        cmds = [_parse(cmd) for cmd in _shell_commands(hook[-1]) if cmd]
+        paths = [path for path, _ in cmds]
+        mp = _mountpoint(params)
+        assert "jfscache umount" in paths, f"{kind}/{name}: preStop does not unmount"
+        umount = paths.index("jfscache umount")
+        assert cmds[umount][1]["mountpoint"] == mp, f"{kind}/{name}: preStop unmounts another mount point"
+        # Drain before leaving: the blocks' new owners fetch them from this
+        # member while it is still up, instead of from S3.
+        drains = [i for i, (path, p) in enumerate(cmds) if path == "jfscache group drain" and p["mountpoint"] == mp]
+        assert drains and drains[0] < umount, f"{kind}/{name}: preStop does not drain {mp} before unmounting it"
+        # The hook's time counts against the grace period: the drain waits up
+        # to its --timeout; then staged uploads wait up to --io-timeout,
+        # disk-cache writes up to 30 s, leaving the group up to 5 s
+        # (jfscache/daemon.py, group/node.py).
+        drain_timeout = cmds[drains[0]][1]["timeout"]
+        assert pod["terminationGracePeriodSeconds"] >= drain_timeout + params["io_timeout"] + 35, f"{kind}/{name}"
         assert "--group-listen" in _argv(c), f"{kind}/{name}: members must say where peers reach them"
         assert not _argv(c)[_argv(c).index("--group-listen") + 1].startswith("0.0.0.0")
 
