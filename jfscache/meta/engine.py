@@ -299,7 +299,8 @@ class Meta:
         return [next(attrs) if e is not None else None for e in entries]
 
     async def mknod(self, parent: int, name: bytes, typ: str, mode: int, uid: int, gid: int,
-                    rdev: int = 0, target: bytes = b"") -> Attr:
+                    rdev: int = 0, target: bytes = b"") -> tuple[Attr, Attr]:
+        """Create an inode; returns its attributes and the parent's new ones."""
         _check_name(name)
         ino = await self._next_inode()
         now = _now()
@@ -308,8 +309,9 @@ class Meta:
                                  [name, ino, typ, mode & 0o7777, uid, gid, rdev, now, target,
                                   int(self.settings.get("inodes", 0)), parent_field])
         n = int(now)
-        return Attr(ino, typ, int(res[0]), uid, int(res[1]), rdev, 2 if typ == "d" else 1,
-                    len(target) if typ == "l" else 0, n, n, n, parent_field, False)
+        return (Attr(ino, typ, int(res[0]), uid, int(res[1]), rdev, 2 if typ == "d" else 1,
+                     len(target) if typ == "l" else 0, n, n, n, parent_field, False),
+                Attr.from_fields(parent, res[2]))
 
     async def readlink(self, ino: int) -> bytes:
         t = await self.r.execute("GET", f"s{ino}")

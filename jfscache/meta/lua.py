@@ -70,6 +70,7 @@ return {e, """ + _HMGET % "'i' .. ino" + """, chunk}
 
 # KEYS: i<parent> d<parent> i<ino>
 # ARGV: name ino type mode uid gid rdev now target max_inodes parent
+# Returns: mode, gid, the parent's attributes (ATTR_FIELDS)
 CREATE = Script(_COMMON + r"""
 local p, err = dir_ok(KEYS[1])
 if err then return fail(err) end
@@ -97,7 +98,9 @@ redis.call('HSET', KEYS[2], ARGV[1], typ .. ARGV[2])
 touch_dir(KEYS[1], ARGV[8])
 if typ == 'd' then redis.call('HINCRBY', KEYS[1], 'nlink', 1) end
 redis.call('INCR', 'totalInodes')
-return {mode, gid}
+-- The parent's new attributes come back too: the kernel asks for them right
+-- after a create (to check the next one's permissions), so this saves a trip.
+return {mode, gid, """ + _HMGET % "KEYS[1]" + """}
 """)
 
 # Removes an inode whose last link is gone and which no handle keeps open.

@@ -341,7 +341,9 @@ class VFS:
     async def mknod(self, parent: int, name: bytes, typ: str, mode: int, uid: int, gid: int,
                     rdev: int = 0, target: bytes = b"") -> Attr:
         self._changed(parent)
-        return self._saw(await self.meta.mknod(parent, name, typ, mode, uid, gid, rdev, target))
+        a, pa = await self.meta.mknod(parent, name, typ, mode, uid, gid, rdev, target)
+        self._saw(pa)
+        return self._saw(a)
 
     async def readlink(self, ino: int) -> bytes:
         return await self.meta.readlink(ino)
@@ -421,7 +423,9 @@ class VFS:
         """Returns (handle, attributes, whether to use direct I/O)."""
         self._changed(parent)
         try:
-            a = self._saw(await self.meta.mknod(parent, name, "f", mode, uid, gid))
+            a, pa = await self.meta.mknod(parent, name, "f", mode, uid, gid)
+            self._saw(pa)
+            self._saw(a)
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
