@@ -307,13 +307,17 @@ def status(meta_url):
 @click.option("--writeback", is_flag=True,
               help="close and fsync return once blocks are staged on the cache disk; uploads continue "
                    "in the background (and after a restart)")
+@click.option("--upload-delay", default=0.0, show_default=True, type=click.FloatRange(0, 86400), metavar="SECONDS",
+              help="with --writeback: upload a staged block only once it is this old (a burst of writes "
+                   "then does not share the CPU with its uploads; other nodes wait that much longer for it)")
 @click.option("--subdir", default="", metavar="PATH",
               help="mount only this directory of the volume (e.g. one team's data); nothing above it is reachable")
 @click.option("--cache-group", help="join this cache group: blocks are shared with its members")
 @click.option("--group-listen", default="0.0.0.0:9750", show_default=True,
               help="HOST:PORT where this member serves blocks to its peers")
 @click.option("--group-weight", default=1.0, show_default=True, type=click.FloatRange(0),
-              help="this member's share of the group's blocks (0: drain, own nothing new)")
+              help="this member's share of the group's blocks (0: own nothing; to hand a running "
+                   "member's blocks over before it stops, use 'jfscache group drain')")
 @click.option("--group-timeout", default=5.0, show_default=True, type=click.FloatRange(1, 3600),
               help="seconds without a heartbeat before a member leaves the ring")
 @click.option("--no-sharing", is_flag=True, help="read through the cache group but serve and own nothing")
@@ -331,7 +335,7 @@ def status(meta_url):
 @click.option("--debug", is_flag=True, help="debug logging (--log-level debug)")
 def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer_size, max_uploads, prefetch,
           attr_timeout, entry_timeout, read_ahead_kb, readdir_cache, compact_grace, meta_timeout, meta_wait_replicas,
-          io_retries, io_timeout, writeback, subdir, cache_group, group_listen, group_weight, group_timeout,
+          io_retries, io_timeout, writeback, upload_delay, subdir, cache_group, group_listen, group_weight, group_timeout,
           no_sharing, group_tls_cert, group_tls_key, group_tls_ca, metrics_listen, background, log_file, log_level,
           debug):
     """Mount a volume. Without META_URL (nor JFSCACHE_META_URL, nor meta-url
@@ -392,7 +396,8 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
                       cache_size=parse_size(cache_size, "M"), free_space_ratio=free_space_ratio,
                       mem_cache_size=parse_size(mem_cache_size, "M"), read_ahead_kb=read_ahead_kb, opts=opts,
                       meta_timeout=meta_timeout, meta_wait_replicas=meta_wait_replicas,
-                      io_retries=io_retries, io_timeout=io_timeout, writeback=writeback, subdir=subdir,
+                      io_retries=io_retries, io_timeout=io_timeout, writeback=writeback,
+                      upload_delay=upload_delay, subdir=subdir,
                       metrics=metrics_listen or "")
     if cache_group:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cache_group):
@@ -567,17 +572,12 @@ def _warmup_through_mount(paths, mode: str, threads: int, background: bool, quie
     if len(roots) != 1:
         raise Failure("all PATHS must be on one jfscache mount")
     root = roots.pop()
-    control = os.path.join(root, ".control")
-    if not os.path.exists(control):
-        raise Failure(f"{root} is not a jfscache mount (no {control}); without a mount use --meta META_URL")
+    if not os.path.exists(os.path.join(root, ".control")):
+        raise Failure(f"{root} is not a jfscache mount (no .control); without a mount use --meta META_URL")
     req = {"op": "warmup", "mode": mode, "targets": [[p, os.stat(p).st_ino] for p in paths],
            "threads": threads, "background": background}
+    fd = _send_control(root, req)
     try:
-        fd = os.open(control, os.O_RDWR)
-    except OSError as e:
-        raise Failure(f"cannot open {control}: {e.strerror}")
-    try:
-        os.write(fd, (json.dumps(req) + "\n").encode())
         with _ProgressView(quiet) as view:
             buf, pos, last = b"", 0, {}
             while True:  # the output has offsets of its own: the request's write moved the fd's
@@ -847,15 +847,27 @@ def group_status(meta_url, name, as_json):
                        f"{i.get('served', 0):>8} {now - m.heartbeat:>8.1f}s ago")
 
 
-def _control(mountpoint: str, request: dict) -> dict:
-    """One request on MOUNTPOINT/.control and its one-line answer."""
+def _send_control(mountpoint: str, request: dict) -> int:
+    """Open MOUNTPOINT's .control and write one request; the open fd, to read the answer from offset 0."""
     control = os.path.join(_mount_root(mountpoint), ".control")
+    if not os.path.exists(control):
+        raise Failure(f"{mountpoint} is not on a jfscache mount (no {control})")
     try:
         fd = os.open(control, os.O_RDWR)
     except OSError as e:
         raise Failure(f"cannot open {control}: {e.strerror} (is {mountpoint} a jfscache mount?)")
     try:
         os.write(fd, (json.dumps(request) + "\n").encode())
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _control(mountpoint: str, request: dict) -> dict:
+    """One request on MOUNTPOINT/.control and its one-line answer."""
+    fd = _send_control(mountpoint, request)
+    try:
         answer = json.loads(os.pread(fd, 1 << 16, 0).split(b"\n", 1)[0])
     finally:
         os.close(fd)
@@ -881,7 +893,7 @@ def group_weight(mountpoint, weight):
 
 
 @group.command("drain", epilog=_examples(
-    "jfscache group drain /mnt/research && jfscache umount /mnt/research   # a scale-in (preStop)"))
+    "jfscache group drain /mnt/research; jfscache umount /mnt/research   # a scale-in (preStop)"))
 @click.argument("mountpoint")
 @click.option("--idle", type=click.FloatRange(min=0), default=10, show_default=True,
               help="done once no peer asked this member for a block for this many seconds")
@@ -892,7 +904,8 @@ def group_drain(mountpoint, idle, timeout):
     weight becomes 0, so it owns no block any more; the blocks' new owners
     fetch them from it on their next miss (not from S3) while it stays up.
     Waits until peers stop asking (--idle), then returns; unmount after it.
-    A block nobody asked for by then comes from S3 when it is next read."""
+    A block nobody asked for by then comes from S3 when it is next read.
+    Exits 1 if peers still fetch at --timeout."""
     a = _control(mountpoint, {"op": "group-weight", "weight": 0})
     click.echo(f"member {a['member']}: weight {a['was']:g} -> 0; waiting until peers stop fetching from it")
     start = time.monotonic()
@@ -908,9 +921,8 @@ def group_drain(mountpoint, idle, timeout):
             click.echo(f"drained: served {last - served} blocks to their new owners in {now - start:.0f} s")
             return
         if now - start >= timeout:
-            click.echo(f"still serving after {timeout:g} s ({last - served} blocks so far); "
-                       "the rest will come from S3")
-            return
+            raise Failure(f"peers still fetch from this member after {timeout:g} s ({last - served} blocks "
+                          "so far); what they did not fetch will come from S3")
 
 
 # ---- stats and profile --------------------------------------------------------

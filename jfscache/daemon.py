@@ -42,6 +42,7 @@ class MountConfig:
     io_retries: int = 4  # retries of each object-store request
     io_timeout: float = 60.0  # bound of one object-store operation, retries included
     writeback: bool = False  # stage new blocks locally and upload them in the background
+    upload_delay: float = 0.0  # seconds a staged block waits before its upload
     subdir: str = ""  # mount this directory of the volume as the root
     metrics: str = ""  # HOST:PORT to serve Prometheus metrics on ("": not served)
 
@@ -98,7 +99,7 @@ async def _serve(cfg: MountConfig) -> None:
             # block) wait durably in the first cache dir until uploaded.
             cache.staging = Staging(disk.dirs[0].path, settings["name"], storage,
                                     free_ratio=cfg.free_space_ratio, uploads=cfg.opts.max_uploads,
-                                    on_uploaded=cache.uploaded, metrics=metrics)
+                                    on_uploaded=cache.uploaded, metrics=metrics, upload_delay=cfg.upload_delay)
             await cache.staging.open()
             cache.writeback = cfg.writeback
         elif cfg.writeback:

@@ -5,7 +5,7 @@
     # /etc/fstab
     redis://meta:6379/1  /mnt/research  jfscache  _netdev,cache-dir=/nvme/jfs,cache-size=400G  0 0
 
-Install: ln -s /path/to/.venv/bin/mount.jfscache /sbin/mount.jfscache
+Install: .ci/setup links it as /sbin/mount.jfscache (or: ln -s /path/to/.venv/bin/mount.jfscache /sbin/)
 Options mount(8) itself uses (_netdev, defaults, auto, noauto, nofail, user,
 users, rw, x-systemd.*, ...) are left out; `ro` is refused (not supported);
 every other `name[=value]` becomes `--name [value]`. The daemon detaches once

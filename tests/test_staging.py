@@ -325,3 +325,32 @@ def test_staging_uploads_blocks_staged_as_files_before_segments(tmp_path):
     _run_staging(tmp_path, store, body)
     assert store.objects == {"vol/chunks/0/0/1_0_3000": good}
     assert not (root / "vol,chunks,0,0,1_0_3000").exists()
+
+
+def test_upload_delay_holds_staged_blocks_back_except_at_unmount(tmp_path):
+    """--upload-delay: a staged block is uploaded once it is that old; the
+    drain at unmount uploads at once."""
+    import trio
+
+    from jfscache.cache.staging import Staging
+
+    store = _Store()
+
+    async def main():
+        st = Staging(str(tmp_path), "vol", store, upload_delay=0.6)
+        await st.open()
+        async with trio.open_nursery() as n:
+            st.start(n)
+            assert await st.stage("vol/chunks/0/0/1_0_1", b"a")
+            await trio.sleep(0.3)
+            assert not store.objects   # not old enough yet
+            with trio.fail_after(5):
+                while st.pending:
+                    await trio.sleep(0.05)
+            assert list(store.objects) == ["vol/chunks/0/0/1_0_1"]
+            assert await st.stage("vol/chunks/0/0/2_0_1", b"b")
+            with trio.fail_after(0.5):   # well before the delay
+                await st.drain(stall=5)
+            assert "vol/chunks/0/0/2_0_1" in store.objects
+            n.cancel_scope.cancel()
+    trio.run(main)

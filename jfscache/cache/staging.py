@@ -75,17 +75,18 @@ class _Segment:
 
 
 class _Entry:
-    __slots__ = ("seg", "off", "size", "path")
+    __slots__ = ("seg", "off", "size", "path", "due")
 
-    def __init__(self, seg: _Segment | None, off: int, size: int, path: str | None = None):
+    def __init__(self, seg: _Segment | None, off: int, size: int, path: str | None = None, due: float = 0.0):
         self.seg, self.off, self.size = seg, off, size
         self.path = path  # a file per block, as staged before segments (uploaded, then removed)
+        self.due = due  # time.monotonic() from which it may be uploaded
 
 
 class Staging:
     def __init__(self, cache_dir: str, volume: str, storage, *, free_ratio: float = 0.1,
                  uploads: int = 4, on_uploaded: Callable[[str, bytes], None] | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, upload_delay: float = 0.0):
         self.root = os.path.join(os.path.abspath(cache_dir), "staging")
         self.volume = volume
         self.storage = storage
@@ -107,6 +108,8 @@ class Staging:
         self._failures = 0  # consecutive failed uploads: the back-off grows with them
         self._retry_at = 0.0
         self._full_warned = False
+        self.upload_delay = upload_delay  # --upload-delay (left out at unmount)
+        self._draining = False
         self.uploaded = 0  # blocks uploaded from here, for .stats
 
     # ---- lifecycle --------------------------------------------------------
@@ -168,6 +171,8 @@ class Staging:
     async def drain(self, stall: float) -> None:
         """Wait (at unmount) until every staged block is uploaded, as long as
         uploads make progress: give up after `stall` seconds without one."""
+        self._draining = True
+        self._wakeup.set()
         while self.pending:
             before = self.uploaded
             with trio.move_on_after(stall):
@@ -263,7 +268,7 @@ class Staging:
             self._full_warned = e.errno in (errno.ENOSPC, errno.EDQUOT)
             return False
         self._full_warned = False
-        self._add(key, _Entry(seg, off, len(data)))
+        self._add(key, _Entry(seg, off, len(data), due=time.monotonic() + self.upload_delay))
         return True
 
     async def get(self, key: str) -> bytes | None:
@@ -293,7 +298,13 @@ class Staging:
                     await self._wakeup.wait()
                     self._wakeup = trio.Event()
                     continue
-                delay = self._retry_at - time.monotonic()
+                now = time.monotonic()
+                delay = self._retry_at - now
+                if delay <= 0 and self.upload_delay and not self._draining:
+                    due = [k for k in waiting if self._entries[k].due <= now]
+                    if not due:
+                        delay = min(self._entries[k].due for k in waiting) - now
+                    waiting = due
                 if delay > 0:
                     with trio.move_on_after(delay):
                         await self._wakeup.wait()  # woken early only to see new keys
