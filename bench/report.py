@@ -36,6 +36,8 @@ def metrics(cfg: dict) -> list[tuple[str, str, str, str, bool]]:
         ("small_read_cold", "small_read_cold_files_per_s", f"Read {s:,} × {kib} KiB, 4 readers, cold (S3)", "files/s", True),
         ("small_read_cold", "small_read_cold_cache_fill_pct", "Disk cache filled by that cold read (of the files)", "%", True),
         ("small_read_warm", "small_read_warm_files_per_s", f"Read {s:,} × {kib} KiB, 4 readers, warm (disk cache)", "files/s", True),
+        ("small_write_wb", "small_write_wb_files_per_s",
+         f"Write {s:,} files of {kib} KiB (fsync each): jfscache --writeback, JuiceFS as default", "files/s", True),
         ("dataloader", "dataloader_files_per_s", "PyTorch DataLoader epoch, 4 workers, warm", "files/s", True),
         ("cold_read", "cold_read_rss_hwm_MiB", f"Daemon peak RSS (VmHWM), cold read {size}", "MiB", False),
         ("warm_read", "warm_read_rss_hwm_MiB", f"Daemon peak RSS (VmHWM), warm read {size}", "MiB", False),

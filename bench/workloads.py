@@ -382,6 +382,40 @@ def small_write(t: Target, ctx: Ctx) -> dict:
     return {"small_write_files_per_s": len(names) / dt, "small_write_MBps": len(names) * size / dt / MB}
 
 
+# What each target runs for the write-back row: jfscache's --writeback (fsync
+# returns once blocks are durable on the cache disk), JuiceFS CE as users run
+# it (it uploads at fsync); the issue's comparison.
+WRITEBACK_ARGS = {"jfscache": ["--writeback"], "juicefs": []}
+
+
+def small_write_writeback(t: Target, ctx: Ctx) -> dict:
+    """The small-file write again, into a fresh directory, with the target
+    remounted in write-back mode (see WRITEBACK_ARGS); remounted as before after."""
+    extra = WRITEBACK_ARGS.get(t.name, [])
+    t.extra_mount_args += extra
+    try:
+        t.remount(clean_cache=False)
+        size = ctx.cfg.small_kib * 1024
+        d = ctx.rundir(t) / "small-wb"
+        d.mkdir()
+        base = _random_buffer(MiB + size, ctx.cfg.seed + 8)
+        t0 = time.perf_counter()
+        for i in range(ctx.cfg.small_files):
+            off = (i * 4099) % MiB
+            fd = os.open(d / f"w{i:05d}.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, base[off:off + size])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        dt = time.perf_counter() - t0
+    finally:
+        del t.extra_mount_args[len(t.extra_mount_args) - len(extra):]
+    t.remount(clean_cache=False)  # (waits for the uploads: the unmount drains them)
+    return {"small_write_wb_files_per_s": ctx.cfg.small_files / dt,
+            "small_write_wb_args": " ".join(extra) or "(default)"}
+
+
 def _parallel_read(names: list[Path], readers: int, size: int) -> tuple[int, float]:
     def work(part: list[Path]) -> int:
         mv = memoryview(bytearray(size + 4096))
@@ -490,6 +524,7 @@ STEPS = [
     Step("small_write", small_write, "small"),
     Step("small_read_cold", small_read_cold, "small", ("small_write",)),
     Step("small_read_warm", small_read_warm, "small", ("small_write",)),
+    Step("small_write_wb", small_write_writeback, "small"),
     Step("dataloader", dataloader_epoch, "dataloader", ("small_write",)),
     Step("cleanup", cleanup_run, "cleanup", timed=False),
 ]
