@@ -30,6 +30,8 @@ def metrics(cfg: dict) -> list[tuple[str, str, str, str, bool]]:
         ("metadata", "meta_create_ops", f"Metadata: create {m:,} files in one dir", "ops/s", True),
         ("metadata", "meta_stat_ops", "Metadata: stat (kernel caches dropped)", "ops/s", True),
         ("metadata", "meta_list_entries_per_s", "Metadata: list (readdir)", "entries/s", True),
+        ("metadata", "meta_lsl_cold_entries_per_s", f"Metadata: ls -l of {m:,} files (kernel caches dropped)", "entries/s", True),
+        ("metadata", "meta_lsl_warm_entries_per_s", f"Metadata: ls -l of {m:,} files, again", "entries/s", True),
         ("metadata", "meta_rename_ops", "Metadata: rename", "ops/s", True),
         ("metadata", "meta_unlink_ops", "Metadata: unlink", "ops/s", True),
         ("small_write", "small_write_files_per_s", f"Write {s:,} files of {kib} KiB (fsync each)", "files/s", True),
