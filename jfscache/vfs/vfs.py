@@ -252,6 +252,18 @@ class VFS:
             self._entries.pop(ino, None)
             self._ahead.pop(ino, None)
 
+    def _names_changed(self, parent: int, *names: bytes) -> None:
+        """This node changed these names of a directory: forget the
+        directory's attributes and those names, but keep what is remembered
+        of its other names. (Forgetting them all made each rename in a
+        directory listed a moment before fetch the next 256 names again.)"""
+        self._fresh.pop(parent, None)
+        self._ahead.pop(parent, None)
+        known = self._entries.get(parent)
+        if known:
+            for name in names:
+                known.pop(name, None)
+
     def _recent(self, ino: int) -> tuple | None:
         seen = self._fresh.get(ino)
         if seen is not None and time.monotonic() - seen[0] < FRESH:
@@ -340,7 +352,7 @@ class VFS:
     # ---- namespace --------------------------------------------------------
     async def mknod(self, parent: int, name: bytes, typ: str, mode: int, uid: int, gid: int,
                     rdev: int = 0, target: bytes = b"") -> Attr:
-        self._changed(parent)
+        self._names_changed(parent, name)
         a, pa = await self.meta.mknod(parent, name, typ, mode, uid, gid, rdev, target)
         self._saw(pa)
         return self._saw(a)
@@ -349,7 +361,8 @@ class VFS:
         return await self.meta.readlink(ino)
 
     async def link(self, ino: int, parent: int, name: bytes) -> Attr:
-        self._changed(ino, parent)
+        self._changed(ino)
+        self._names_changed(parent, name)
         return self._overlay(await self.meta.link(ino, parent, name))
 
     async def _released_link(self, ino: int, waits: bool) -> None:
@@ -365,17 +378,18 @@ class VFS:
             self._delete_wakeup.set()
 
     async def unlink(self, parent: int, name: bytes) -> None:
-        self._changed(parent)
+        self._names_changed(parent, name)
         ino, waits = await self.meta.unlink(parent, name)
         self._changed(ino)
         await self._released_link(ino, waits)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
-        self._changed(parent)
+        self._names_changed(parent, name)
         self._changed(await self.meta.rmdir(parent, name))
 
     async def rename(self, psrc: int, nsrc: bytes, pdst: int, ndst: bytes, flags: int) -> None:
-        self._changed(psrc, pdst)
+        self._names_changed(psrc, nsrc)
+        self._names_changed(pdst, ndst)
         moved, replaced, waits = await self.meta.rename(psrc, nsrc, pdst, ndst, flags)
         self._changed(moved, replaced)
         await self._released_link(replaced, waits)
@@ -421,7 +435,7 @@ class VFS:
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
                      gid: int) -> tuple[int, Attr, bool]:
         """Returns (handle, attributes, whether to use direct I/O)."""
-        self._changed(parent)
+        self._names_changed(parent, name)
         try:
             a, pa = await self.meta.mknod(parent, name, "f", mode, uid, gid)
             self._saw(pa)
@@ -715,15 +729,32 @@ class VFS:
         until = self._no_xattr.get(ino)
         return until is not None and until > time.monotonic()
 
+    async def _known_without_xattrs(self, ino: int) -> bool:
+        """_no_xattrs, and for an entry of a listing whose attributes expired
+        meanwhile (`ls -l` of a directory too long to pass in one attribute
+        timeout asks for two xattrs per entry), the attributes of the next
+        entries fetched in one round trip, as a stat pass does."""
+        if ino in INTERNAL or self._no_xattrs(ino):
+            return True
+        seen = self._fresh.get(ino)
+        if seen is not None and time.monotonic() - seen[0] < self.opts.attr_timeout:
+            return False  # it has some: ask Redis for them
+        listed = self._listed.get(ino)
+        if listed is None:
+            return False
+        inos, i = listed
+        await self._fetch_ahead(inos[i:i + LIST_AHEAD])
+        return self._no_xattrs(ino)
+
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         if name in ACL_XATTRS:
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
-        if ino in INTERNAL or self._no_xattrs(ino):
+        if await self._known_without_xattrs(ino):
             raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
         return await self.meta.getxattr(ino, name)
 
     async def listxattr(self, ino: int) -> list[bytes]:
-        if ino in INTERNAL or self._no_xattrs(ino):
+        if await self._known_without_xattrs(ino):
             return []
         return await self.meta.listxattr(ino)
 
