@@ -292,6 +292,10 @@ def status(meta_url):
               help="kernel readahead of the mount (0: leave it)")
 @click.option("--readdir-cache", is_flag=True,
               help="let the kernel cache directory listings (faster repeated ls, slower ls -l of big dirs)")
+@click.option("--xattr/--no-xattr", "xattrs", default=True, show_default=True,
+              help="extended attributes; --no-xattr answers the kernel's first query with 'not "
+                   "implemented', after which it never asks again (as JuiceFS without --enable-xattr): "
+                   "ls -l and writes then cost no xattr round trip")
 @click.option("--compact-grace", default=600.0, show_default=True, type=click.FloatRange(0),
               help="seconds the objects of compacted slices are kept for readers of old slice lists")
 @click.option("--meta-timeout", default=60.0, show_default=True, type=click.FloatRange(1, 86400),
@@ -334,7 +338,7 @@ def status(meta_url):
               help="least severe messages logged")
 @click.option("--debug", is_flag=True, help="debug logging (--log-level debug)")
 def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer_size, max_uploads, prefetch,
-          attr_timeout, entry_timeout, read_ahead_kb, readdir_cache, compact_grace, meta_timeout, meta_wait_replicas,
+          attr_timeout, entry_timeout, read_ahead_kb, readdir_cache, xattrs, compact_grace, meta_timeout, meta_wait_replicas,
           io_retries, io_timeout, writeback, upload_delay, subdir, cache_group, group_listen, group_weight, group_timeout,
           no_sharing, group_tls_cert, group_tls_key, group_tls_ca, metrics_listen, background, log_file, log_level,
           debug):
@@ -391,7 +395,7 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
 
     opts = Options(attr_timeout=attr_timeout, entry_timeout=entry_timeout, max_uploads=max_uploads,
                    buffer_size=parse_size(buffer_size, "M"), prefetch=prefetch, compact_grace=compact_grace,
-                   readdir_cache=readdir_cache, missing_wait=io_timeout)
+                   readdir_cache=readdir_cache, xattrs=xattrs, missing_wait=io_timeout)
     cfg = MountConfig(meta_url=meta_url, mountpoint=mountpoint, cache_dirs=list(cache_dirs),
                       cache_size=parse_size(cache_size, "M"), free_space_ratio=free_space_ratio,
                       mem_cache_size=parse_size(mem_cache_size, "M"), read_ahead_kb=read_ahead_kb, opts=opts,

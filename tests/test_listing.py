@@ -44,3 +44,33 @@ def test_renames_and_unlinks_after_a_listing_cost_no_batch_lookups(make_volume, 
         # names per second); forgetting every name made it ~100.
         assert per_op < 30, f"{per_op:.1f} HMGETs per {op}"
     assert os.listdir(d) == []
+
+
+def test_no_xattr_mount_answers_xattrs_in_the_kernel(make_volume, mount_volume, tmp_dir):
+    """--no-xattr: the first xattr query is answered "not implemented", the
+    kernel answers every later one itself (`ls -l` and writes cost no xattr
+    round trip), and tools that copy xattrs where they can still work."""
+    import errno
+    import json
+    import subprocess
+
+    vol = make_volume("file")
+    m = mount_volume(vol, None, "--no-xattr")
+    d = new_dir("plain", parent=m.path)
+    for i in range(200):
+        (d / f"f{i:03d}").write_bytes(b"x")
+    subprocess.run(["ls", "-l", str(d)], check=True, stdout=subprocess.DEVNULL)
+    for call in (lambda: os.setxattr(d / "f000", "user.k", b"v"), lambda: os.getxattr(d / "f001", "user.k"),
+                 lambda: os.listxattr(d / "f002")):
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.EOPNOTSUPP
+    ops = json.loads((m.path / ".stats").read_bytes())["fuse_ops"]
+    # Once per kind of call (the kernel keeps a flag for each); 200 files
+    # written and listed with ls -l asked ~400 times without --no-xattr.
+    assert all(ops.get(op, {}).get("count", 0) <= 1 for op in ("getxattr", "listxattr", "setxattr")), ops
+    src = tmp_dir / "src"
+    src.write_bytes(b"data")
+    os.setxattr(src, "user.k", b"v")
+    subprocess.run(["cp", "-a", str(src), str(d / "copied")], check=True)
+    assert (d / "copied").read_bytes() == b"data"

@@ -56,6 +56,7 @@ class Operations(pyfuse3.Operations):
         # is itself, so nothing above it can be reached.
         self.root = vfs.root
         self.attr_timeout = vfs.opts.attr_timeout
+        self.xattrs = vfs.opts.xattrs
         self.entry_timeout = vfs.opts.entry_timeout
 
     def _entry(self, a) -> pyfuse3.EntryAttributes:
@@ -231,23 +232,33 @@ class Operations(pyfuse3.Operations):
         s.f_namemax = 255
         return s
 
+    # With --no-xattr, ENOSYS: the kernel then answers every later xattr
+    # call itself (EOPNOTSUPP) and stops asking, before writes included.
+    def _xattrs_on(self) -> None:
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+
     @_errors
     async def getxattr(self, inode, name, ctx):
+        self._xattrs_on()
         inode = self._in(inode)
         return await self.vfs.getxattr(inode, name)
 
     @_errors
     async def listxattr(self, inode, ctx):
+        self._xattrs_on()
         inode = self._in(inode)
         return await self.vfs.listxattr(inode)
 
     @_errors
     async def setxattr(self, inode, name, value, ctx):
+        self._xattrs_on()
         inode = self._in(inode)
         await self.vfs.setxattr(inode, name, value)
 
     @_errors
     async def removexattr(self, inode, name, ctx):
+        self._xattrs_on()
         inode = self._in(inode)
         await self.vfs.removexattr(inode, name)
 

@@ -65,6 +65,7 @@ class Options:
     buffer_size: int = 300 << 20
     prefetch: int = 8  # blocks ahead of a sequential reader, at most
     readdir_cache: bool = False  # let the kernel cache listings (see opendir)
+    xattrs: bool = True  # False: extended attributes "not implemented" (fuse/ops.py)
     compact_grace: float = 600.0  # seconds a compacted slice's objects outlive it (readers of old lists)
     missing_wait: float = 60.0  # seconds a read waits for a block not in the store yet (staged on its writer)
 
