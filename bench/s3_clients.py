@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -115,6 +116,7 @@ def main() -> None:
         trio_asyncio.run(_main, sw, args.rounds)
     finally:
         procs.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
