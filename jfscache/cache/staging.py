@@ -374,7 +374,8 @@ class Staging:
         (after an outage's worth of staging)."""
         if self._readers:
             return  # a read thread may still use a segment's descriptor
-        spare = [s for s in self._segs.values() if s.live == 0 and s is not self._active]
+        spare = [s for s in self._segs.values()
+                 if s.live == 0 and s is not self._active and not s.lock.locked()]  # (locked: being grown)
         for s in spare[1:]:
             del self._segs[s.n]
             os.close(s.fd)
