@@ -376,10 +376,17 @@ def small_write(t: Target, ctx: Ctx) -> dict:
     rd = ctx.rundir(t)
     rd.mkdir(exist_ok=True)
     ctx.smalldir(t).mkdir()
-    base = _random_buffer(MiB + size, ctx.cfg.seed + 7)
     names = _small_names(t, ctx)
+    dt = _write_files(names, size, ctx.cfg.seed + 7)
+    return {"small_write_files_per_s": len(names) / dt, "small_write_MBps": len(names) * size / dt / MB}
+
+
+def _write_files(paths: list[Path], size: int, seed: int) -> float:
+    """Create each file with `size` bytes and fsync it, one after another;
+    the seconds it took."""
+    base = _random_buffer(MiB + size, seed)
     t0 = time.perf_counter()
-    for i, p in enumerate(names):
+    for i, p in enumerate(paths):
         off = (i * 4099) % MiB
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -387,8 +394,7 @@ def small_write(t: Target, ctx: Ctx) -> dict:
             os.fsync(fd)
         finally:
             os.close(fd)
-    dt = time.perf_counter() - t0
-    return {"small_write_files_per_s": len(names) / dt, "small_write_MBps": len(names) * size / dt / MB}
+    return time.perf_counter() - t0
 
 
 # What each target runs for the write-back row: jfscache's --writeback (fsync
@@ -404,20 +410,10 @@ def small_write_writeback(t: Target, ctx: Ctx) -> dict:
     t.extra_mount_args += extra
     try:
         t.remount(clean_cache=False)
-        size = ctx.cfg.small_kib * 1024
         d = ctx.rundir(t) / "small-wb"
         d.mkdir()
-        base = _random_buffer(MiB + size, ctx.cfg.seed + 8)
-        t0 = time.perf_counter()
-        for i in range(ctx.cfg.small_files):
-            off = (i * 4099) % MiB
-            fd = os.open(d / f"w{i:05d}.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                os.write(fd, base[off:off + size])
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        dt = time.perf_counter() - t0
+        dt = _write_files([d / f"w{i:05d}.bin" for i in range(ctx.cfg.small_files)],
+                          ctx.cfg.small_kib * 1024, ctx.cfg.seed + 8)
     finally:
         del t.extra_mount_args[len(t.extra_mount_args) - len(extra):]
     t.remount(clean_cache=False)  # (waits for the uploads: the unmount drains them)

@@ -959,14 +959,19 @@ def _refresh(first, interval: float, frame) -> None:
         pass
 
 
+def _view_options(fn):
+    """MOUNTPOINT, --once and --interval: what the live views (stats, profile) share."""
+    fn = click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.1, 3600),
+                      help="seconds between refreshes")(fn)
+    fn = click.option("--once", is_flag=True, help="print one view and exit (for scripts)")(fn)
+    return click.argument("mountpoint")(fn)
+
+
 @cli.command(epilog=_examples(
     "jfscache stats /mnt/research                 # live, until Ctrl-C",
     "jfscache stats /mnt/research --once          # one view, rates over --interval",
     "jfscache stats /mnt/research --json          # the raw counters"))
-@click.argument("mountpoint")
-@click.option("--once", is_flag=True, help="print one view and exit (for scripts)")
-@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.1, 3600),
-              help="seconds between refreshes")
+@_view_options
 @click.option("--json", "as_json", is_flag=True,
               help="print the counters (MOUNTPOINT/.stats) as JSON and exit; also what a non-terminal gets "
                    "without --once")
@@ -999,10 +1004,7 @@ def stats(mountpoint, once, interval, as_json):
 @cli.command(epilog=_examples(
     "jfscache profile /mnt/research               # live, since the command started",
     "jfscache profile /mnt/research --once        # since the mount started"))
-@click.argument("mountpoint")
-@click.option("--once", is_flag=True, help="print one view and exit (for scripts)")
-@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.1, 3600),
-              help="seconds between refreshes")
+@_view_options
 @click.option("--top", default=30, show_default=True, type=click.IntRange(1), help="operations shown")
 def profile(mountpoint, once, interval, top):
     """Show the FUSE operations of a mounted volume that take the most

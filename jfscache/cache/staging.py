@@ -155,11 +155,12 @@ class Staging:
             if name.endswith(".corrupt") or not size.isdigit():
                 continue  # not a block of ours
             path = os.path.join(self.root, name)
+            vol = key.split("/", 1)[0]
             if os.stat(path).st_size != int(size) + _SUM.size:
                 log.info("removing %s, a staged write a crash interrupted", path)
                 os.unlink(path)
-            elif key.split("/", 1)[0] != self.volume:
-                others[key.split("/", 1)[0]] = others.get(key.split("/", 1)[0], 0) + 1
+            elif vol != self.volume:
+                others[vol] = others.get(vol, 0) + 1
             else:
                 found.append((key, _Entry(None, 0, int(size), path)))
         return found, others
