@@ -123,14 +123,17 @@ def test_drain_at_run_time_hands_blocks_to_their_new_owner(make_volume, mount_vo
     keep, leave = member(mount_volume, vol), member(mount_volume, vol)
     client = mount_volume(vol, None, "--cache-group", "g", "--no-sharing")
     wait_members(client, 2)
-    files = {f"f{i}": os.urandom(9 * MiB) for i in range(2)}   # 6 blocks over two owners
+    # 16 blocks over two owners: with 6, all landed on one owner in ~3 % of
+    # runs (placement follows the random ports), and the test had nothing to drain.
+    files = {f"f{i}": os.urandom(8 * MiB) for i in range(8)}
+    nblocks = 16
     for name, data in files.items():
         (client.path / name).write_bytes(data)
     client.remount(clear_cache=True)
     wait_members(client, 2)
     assert {p.name: d for p, d in read_all([client.path / n for n in files]).items()} == files
     owned = stats(leave).get("store_gets", 0)
-    assert owned > 0 and stats(keep).get("store_gets", 0) + owned == 6
+    assert owned > 0 and stats(keep).get("store_gets", 0) + owned == nblocks
 
     r = assert_ok(run_cli("group", "drain", str(leave.path), "--idle", "1", "--timeout", "60", env=vol.env))
     assert "weight 1 -> 0" in r.stdout and "drained" in r.stdout, r.stdout
