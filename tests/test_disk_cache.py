@@ -39,12 +39,17 @@ def test_truncated_file_is_rejected(tmp_path):
 
 def test_add_declines_when_the_queue_is_full_but_add_wait_does_not(tmp_path, monkeypatch):
     """Reads cache best-effort (a full write queue drops the block); warmup
-    must not: add_wait waits for room and for the write itself."""
+    must not: add_wait waits for room and for the write itself. A block from
+    the store (add_owned) waits a bounded time for room, then is dropped."""
+    import time
+
     import trio
 
     import jfscache.cache.disk as disk_mod
     monkeypatch.setattr(disk_mod, "_QUEUE_LIMIT", 3 * PIECE)
-    blocks = {f"k{i}": os.urandom(PIECE) for i in range(12)}
+    monkeypatch.setattr(disk_mod, "_ROOM_WAIT", 0.3)
+    blocks = {f"k{i}": os.urandom(PIECE) for i in range(22)}
+    owned, stalled = list(blocks)[12:18], list(blocks)[18:]
 
     async def main():
         d = disk_mod.DiskCache([str(tmp_path / "cache")], 1 << 30, 0.0)
@@ -56,11 +61,21 @@ def test_add_declines_when_the_queue_is_full_but_add_wait_does_not(tmp_path, mon
             await d.drain()
             assert sum(d.has(k) for k in list(blocks)[:6]) == 3
             async with trio.open_nursery() as w:
-                for k, v in list(blocks.items())[6:]:
+                for k, v in list(blocks.items())[6:12]:
                     w.start_soon(d.add_wait, k, v)
-            assert all(d.has(k) for k in list(blocks)[6:])
-            for k, v in list(blocks.items())[6:]:
+            assert all(d.has(k) for k in list(blocks)[6:12])
+            for k, v in list(blocks.items())[6:12]:
                 assert await d.get(k) == v
+            for k in owned:   # one after another, as a reader's misses come: add() would drop three
+                await d.add_owned(k, blocks[k])
+            await d.drain()
+            assert all(d.has(k) for k in owned)
+            write = disk_mod._write_file
+            monkeypatch.setattr(disk_mod, "_write_file", lambda p, b: (time.sleep(1), write(p, b))[1])
+            for k in stalled:   # three fill the queue (one being written); the fourth waits, then is dropped
+                await d.add_owned(k, blocks[k])
+            await d.drain()
+            assert [d.has(k) for k in stalled] == [True] * 3 + [False]
             n.cancel_scope.cancel()
         d.close()
 

@@ -160,7 +160,7 @@ class BlockCache:
             data, keep = await self.remote(key)
         self.mem.put(key, data)
         if keep and self.disk is not None:
-            self.disk.add(key, data)
+            await self.disk.add_owned(key, data)
         return data
 
     def prefetch(self, key: str) -> None:

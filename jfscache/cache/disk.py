@@ -12,7 +12,9 @@
   --cache-size and its filesystem above --free-space-ratio free.
 - Writes are write-behind through a bounded queue: the cache is best effort,
   so when the disk is slow, full or read-only the block is simply not cached
-  (one warning per cause), and reads carry on from the next tier.
+  (one warning per cause), and reads carry on from the next tier. A block
+  that came from the object store waits a moment for room in the queue
+  first (add_owned): dropping it means the store serves it again.
 """
 from __future__ import annotations
 
@@ -38,6 +40,11 @@ log = logging.getLogger("jfscache.cache.disk")
 _HEAD = struct.Struct(">Qd")
 PIECE = 64 << 10
 _QUEUE_LIMIT = 64 << 20  # bytes waiting to be written before adds are dropped (they count in RSS)
+# How long a block fetched from the store may wait for room in the queue.
+# Seen before it existed: a cold read at ~700 MB/s outran the writer (its
+# hashing shares 2 cores with the S3 client) and 4-8 % of the file was not
+# cached on disk. A disk that stays slower than this still drops blocks.
+_ROOM_WAIT = 2.0
 _ACCESS_FLUSH = 10.0  # seconds between writes of last-access times to the index
 # Smaller reads run on the event loop: a thread hand-off costs more than
 # reading them from the page cache or NVMe (measured: 64 KiB files read by 4
@@ -73,6 +80,7 @@ class DiskCache:
         self._queue: deque[tuple[_Dir, str, bytes]] = deque()
         self._queued = 0
         self._wakeup = trio.Event()
+        self._dequeued = trio.lowlevel.ParkingLot()  # woken each time the writer takes a block off
         self._warned: set[str] = set()
 
     # ---- lifecycle --------------------------------------------------------
@@ -140,7 +148,7 @@ class DiskCache:
         """Wait (bounded) until queued blocks are on disk, e.g. before unmount."""
         with trio.move_on_after(timeout):
             while self._queue:
-                await trio.sleep(0.01)
+                await self._dequeued.park()
 
     def close(self) -> None:
         for d in self.dirs:
@@ -210,20 +218,25 @@ class DiskCache:
         self._queued += len(data)
         self._wakeup.set()
 
+    async def add_owned(self, key: str, data: bytes) -> None:
+        """add() for a block fetched from the object store: wait up to
+        _ROOM_WAIT seconds for room in the queue before declining."""
+        with trio.move_on_after(_ROOM_WAIT):
+            await self._room_for(len(data))
+        self.add(key, data)
+
     async def add_wait(self, key: str, data: bytes) -> None:
         """Cache a block on disk and wait until it is written (or the write
         failed): for warmup, where "cached" must mean on disk. Waits for room
         in the queue instead of declining."""
-        d = self._dir(key)
-        if d is None or key in d.entries or time.monotonic() < d.broken_until:
-            return
-        while self._queued + len(data) > _QUEUE_LIMIT and self._queue:
-            await trio.sleep(0.01)
-        self._queue.append((d, key, data))
-        self._queued += len(data)
-        self._wakeup.set()
+        await self._room_for(len(data))
+        self.add(key, data)
         while any(k == key for _, k, _ in self._queue):
-            await trio.sleep(0.01)
+            await self._dequeued.park()
+
+    async def _room_for(self, size: int) -> None:
+        while self._queued + size > _QUEUE_LIMIT and self._queue:
+            await self._dequeued.park()
 
     async def _writer(self) -> None:
         while True:
@@ -234,6 +247,7 @@ class DiskCache:
                 if key in d.entries or time.monotonic() < d.broken_until:
                     self._queue.popleft()
                     self._queued -= len(data)
+                    self._dequeued.unpark_all()
                     continue
                 try:
                     self._make_room(d, len(data))
@@ -252,6 +266,7 @@ class DiskCache:
                     # Dequeued only now, so that drain() also waits for this write.
                     self._queue.popleft()
                     self._queued -= len(data)
+                    self._dequeued.unpark_all()
 
     def _write_failed(self, d: _Dir, e: OSError) -> None:
         cause = {errno.ENOSPC: "full", errno.EDQUOT: "full", errno.EACCES: "not writable",
