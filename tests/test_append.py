@@ -72,3 +72,30 @@ def test_append_on_one_node_with_reads_between(mnt):
         f.write("three\n")
     assert p.read_text() == "one\ntwo\nthree\n"
     assert os.stat(p).st_size == len("one\ntwo\nthree\n")
+
+
+def test_dropping_a_split_slice_reference_twice_keeps_the_other(redis_server):
+    """An append that crosses a chunk boundary is one slice referenced by two
+    chunks (sliceRef). Dropping the first reference again, as the delete loop
+    does after a lost Redis reply, must not count as the second: that would
+    delete objects the other chunk still reads."""
+    import trio
+
+    from jfscache.meta.engine import Meta
+    db = redis_server.new_db()
+    r = redis_server.client(db)
+    r.hset("sliceRef", "7", 1)
+
+    async def main():
+        m = Meta(redis_server.url(db))
+        try:
+            assert await m.unref([(7, "100:50")]) == []
+            assert await m.unref([(7, "100:50")]) == []   # again: still one reference left
+            assert await m.unref([(7, "0:100")]) == [7]
+            assert await m.unref([(9, "0:10")]) == [9]    # one reference: gone at once,
+            assert await m.unref([(9, "0:10")]) == [9]    # and again only deletes deleted objects
+        finally:
+            await m.r.aclose()
+
+    trio.run(main)
+    assert not r.exists("sliceRef") and not r.exists("sliceUnref")

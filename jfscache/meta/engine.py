@@ -445,13 +445,14 @@ class Meta:
         if members:
             await self.r.execute("ZREM", "compacted", *members)
 
-    async def unref(self, sids: list[int]) -> list[int]:
-        """Drop one reference to each slice; the ids whose objects can go."""
-        if not sids:
+    async def unref(self, refs: list[tuple[int, str]]) -> list[int]:
+        """Drop one reference to each slice, named by (slice id, which
+        reference); the ids whose objects can go. Safe to run again."""
+        if not refs:
             return []
         await self.r.execute("SCRIPT", "LOAD", lua.UNREF.source)
-        last = await self.r.pipeline([("EVALSHA", lua.UNREF.sha, 0, sid) for sid in sids])
-        return [sid for sid, gone in zip(sids, last) if gone]
+        last = await self.r.pipeline([("EVALSHA", lua.UNREF.sha, 0, sid, ref) for sid, ref in refs])
+        return [sid for (sid, _), gone in zip(refs, last) if gone]
 
     async def take_slices(self, limit: int = 100) -> list[Slice]:
         """Claim queued slices (format 1 truncates queued slices, not chunks)."""

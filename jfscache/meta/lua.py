@@ -27,6 +27,7 @@ Key space (one Redis database per volume):
   delchunks          list of names of cut chunk lists (renamed c-keys) waiting to be deleted
   compacted          zset: packed slice -> when a compaction replaced it; deleted after a grace period
   sliceRef           hash: slice id -> extra references (an appended slice split over two chunks)
+  sliceUnref         hash: slice id -> the reference already dropped (see UNREF)
 
 Offsets and lengths stay below MAX_FILE_SIZE (2^50), where Lua's doubles are
 exact; numbers go back to Redis through num(), never through Lua's own
@@ -401,11 +402,22 @@ return 1
 
 # One reference to a slice's objects goes away; 1 if it was the last (delete
 # them). Slices without a sliceRef entry have one reference.
+# ARGV: slice id, which reference (the entry's offset:length in the slice:
+# the two parts of a split slice differ there). Dropping the first of two
+# references is remembered in sliceUnref, so that running it again after a
+# lost reply does not drop the second too and delete objects a chunk still
+# reads. Running the last drop again only deletes deleted objects again.
 UNREF = Script(r"""
+if redis.call('HGET', 'sliceUnref', ARGV[1]) == ARGV[2] then return 0 end
 local n = redis.call('HINCRBY', 'sliceRef', ARGV[1], -1)
-if n < 0 then redis.call('HDEL', 'sliceRef', ARGV[1]) return 1 end
+if n < 0 then
+  redis.call('HDEL', 'sliceRef', ARGV[1])
+  redis.call('HDEL', 'sliceUnref', ARGV[1])
+  return 1
+end
+redis.call('HSET', 'sliceUnref', ARGV[1], ARGV[2])
 return 0
-""")
+""", idempotent=True)  # see above
 
 # KEYS: i<ino> x<ino>   ARGV: name value now
 # (pyfuse3 checks XATTR_CREATE / XATTR_REPLACE itself, with a getxattr first.)
