@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import random
 
-import pytest
 
 from conftest import needs_mount
 from helpers import MiB, wait_for

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 
-import pytest
 import trio
 
 from jfscache.vfs.writer import FileWriter, WriteBudget
