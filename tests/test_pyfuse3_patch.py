@@ -5,7 +5,8 @@
   FUSEError reaches the caller;
 - ``opendir`` may return a ``FileInfo`` whose ``cache_readdir`` (and
   ``keep_cache``) make the kernel cache the listing, while returning an int
-  still works as before.
+  still works as before;
+- ``FileInfo.noflush`` from ``open`` spares the FLUSH request at close.
 
 A tiny pyfuse3 file system (this file, run as a script) is mounted in a
 subprocess that logs every handler call as a JSON line; the tests count them.
@@ -112,13 +113,14 @@ class PatchFS(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if inode != FILE_INO:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        return pyfuse3.FileInfo(fh=FILE_FH)
+        # read-only opens need no flush at close
+        return pyfuse3.FileInfo(fh=FILE_FH, noflush=flags & os.O_ACCMODE == os.O_RDONLY)
 
     async def release(self, fh):
         pass
 
     async def flush(self, fh):
-        pass
+        self._log("flush", fh)
 
     async def fallocate(self, fh, mode, offset, length):
         self._log("fallocate", fh, mode, offset, length)
@@ -210,6 +212,16 @@ def test_patched_pyfuse3_api():
     fi = pyfuse3.FileInfo(fh=3, cache_readdir=True)
     assert (fi.fh, fi.cache_readdir, fi.keep_cache) == (3, True, True)
     assert pyfuse3.FileInfo().cache_readdir is False
+    assert pyfuse3.FileInfo().noflush is False and pyfuse3.FileInfo(noflush=True).noflush is True
+
+
+def test_noflush(patchfs):
+    before = len(patchfs.calls("flush"))
+    for _ in range(3):
+        os.close(os.open(patchfs.mnt / "file", os.O_RDONLY))
+    assert len(patchfs.calls("flush")) == before       # opened with noflush
+    os.close(os.open(patchfs.mnt / "file", os.O_RDWR))
+    assert len(patchfs.calls("flush")) == before + 1   # a read-write open is flushed
 
 
 def test_fallocate_modes(patchfs):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import stat
 import time
 
@@ -16,6 +17,7 @@ import pyfuse3
 
 log = logging.getLogger("jfscache.fuse")
 _CACHE_READDIR = hasattr(pyfuse3.FileInfo(), "cache_readdir")
+_NOFLUSH = hasattr(pyfuse3.FileInfo(), "noflush")
 
 TYPE_CHAR = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFIFO: "p",
              stat.S_IFCHR: "c", stat.S_IFBLK: "b", stat.S_IFSOCK: "s"}
@@ -162,7 +164,13 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         inode = self._in(inode)
         fh, keep, direct = await self.vfs.open(inode, flags)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=direct)
+        fi = pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=direct)
+        if _NOFLUSH and flags & os.O_ACCMODE == os.O_RDONLY:
+            # flush() commits this node's pending writes to the file; a
+            # read-only handle has none of its own, so its close needs no
+            # FLUSH round trip (one of the five requests a small-file read makes).
+            fi.noflush = True
+        return fi
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -197,9 +205,9 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def opendir(self, inode, ctx):
         inode = self._in(inode)
-        fh, cache = await self.vfs.opendir(inode)
-        if cache and _CACHE_READDIR:  # the patched pyfuse3 (.ci/patches): listings from the kernel's cache
-            return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
+        fh, keep = await self.vfs.opendir(inode)
+        if _CACHE_READDIR:  # the patched pyfuse3 (.ci/patches): the kernel caches listings
+            return pyfuse3.FileInfo(fh=fh, keep_cache=keep, cache_readdir=True)
         return fh
 
     @_errors
