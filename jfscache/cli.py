@@ -291,7 +291,9 @@ def status(meta_url):
 @click.option("--read-ahead-kb", default=1024, show_default=True, type=click.IntRange(0, 1 << 20),
               help="kernel readahead of the mount (0: leave it)")
 @click.option("--readdir-cache", is_flag=True,
-              help="let the kernel cache directory listings (faster repeated ls, slower ls -l of big dirs)")
+              help="let the kernel keep listings until the directory changes (by default, only within "
+                   "--attr-timeout of the last listing; later listings then skip the daemon, but ls -l of "
+                   "a big directory costs a lookup per entry)")
 @click.option("--xattr/--no-xattr", "xattrs", default=True, show_default=True,
               help="extended attributes; --no-xattr answers the kernel's first query with 'not "
                    "implemented', after which it never asks again (as JuiceFS without --enable-xattr): "

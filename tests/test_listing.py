@@ -74,3 +74,41 @@ def test_no_xattr_mount_answers_xattrs_in_the_kernel(make_volume, mount_volume, 
     os.setxattr(src, "user.k", b"v")
     subprocess.run(["cp", "-a", str(src), str(d / "copied")], check=True)
     assert (d / "copied").read_bytes() == b"data"
+
+
+def test_a_listing_repeated_within_the_attribute_timeout_comes_from_the_kernel(make_volume, mount_volume):
+    """A repeated `ls`, or each DataLoader worker listing the same directory:
+    within the attribute timeout of the daemon's last listing, the kernel
+    serves it from its cache (no readdir reaches the daemon). A change made
+    through this mount shows at once; after the timeout the listing is a
+    fresh readdirplus again, so another node's changes show as late as a
+    stat would show them."""
+    import json
+
+    vol = make_volume("file")
+    a = mount_volume(vol, None, "--attr-timeout", "30", "--entry-timeout", "30")
+    b = mount_volume(vol, None)
+    d = new_dir("many", parent=a.path)
+    for i in range(300):
+        (d / f"f{i:03d}").write_bytes(b"x")
+
+    def readdirs(m) -> int:
+        with open(m.path / ".stats") as f:
+            return json.load(f)["fuse_ops"].get("readdir", {}).get("count", 0)
+
+    assert len(os.listdir(d)) == 300
+    first = readdirs(a)
+    assert first > 0
+    for _ in range(5):
+        assert len(os.listdir(d)) == 300
+    assert readdirs(a) == first   # from the kernel's cache
+    (d / "new").write_bytes(b"new")   # a change through this mount
+    assert "new" in os.listdir(d) and readdirs(a) > first
+
+    db = b.path / d.name
+    assert len(os.listdir(db)) == 301
+    first = readdirs(b)
+    assert len(os.listdir(db)) == 301 and readdirs(b) == first
+    (d / "newer").write_bytes(b"x")   # through the other mount
+    time.sleep(1.2)   # b's attribute timeout (1 s)
+    assert "newer" in os.listdir(db) and readdirs(b) > first
