@@ -220,15 +220,29 @@ def write(result: dict, md: Path, png: Path, json_path: Path | None = None) -> N
         except ValueError:
             shown = json_path
         lines += [f"Raw figures: `{shown}` (bench/out/ is not committed).", ""]
-    # The targets and what bounds the missed ones are written by hand (they
-    # come from profiles, not from this run's numbers) and kept with the table.
-    analysis = Path(__file__).resolve().parent / "ANALYSIS.md"
-    if analysis.exists() and not result.get("quick"):
-        lines += [analysis.read_text().rstrip(), ""]
+    # Sections written by hand in the existing report (targets, other
+    # benches' results) are kept after the generated ones, unchanged.
+    if md.exists() and not result.get("quick"):
+        lines += _hand_sections(md.read_text())
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(lines))
     chart(ratios, png, f"jfscache / JuiceFS, {nruns} run(s)"
           + (" — QUICK sizes" if result.get("quick") else ""))
+
+
+GENERATED_SECTIONS = ("## Ceiling: a null pyfuse3 filesystem", "## Notes")
+
+
+def _hand_sections(text: str) -> list[str]:
+    """The `## ` sections of a report that this module does not write."""
+    kept: list[str] = []
+    keep = False
+    for line in text.splitlines():
+        if line.startswith("## "):
+            keep = line.strip() not in GENERATED_SECTIONS
+        if keep:
+            kept.append(line)
+    return kept + [""] if kept else []
 
 
 def main(argv=None) -> None:

@@ -37,7 +37,7 @@ def _check(text: str, tags: list[str], n: int) -> None:
         assert mine == sorted(mine)
 
 
-@pytest.mark.parametrize("nodes,lines,fsync", [(2, 50, True), (4, 1000, True), (3, 2000, False)])
+@pytest.mark.parametrize("nodes,lines,fsync", [(2, 50, True), (4, 300, True), (3, 2000, False)])
 def test_appends_from_many_mounts_keep_every_line(nodes, lines, fsync, make_volume, mount_volume):
     vol = make_volume("file")
     mounts = [mount_volume(vol) for _ in range(nodes)]
