@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -70,7 +71,7 @@ def redis_for_command(state: str, command: str):
         yield _mounts_redis(state)
         return
     try:
-        url, proc = start_redis(state)  # proc is None for a redis-server left by a killed mount
+        url, proc = start_redis(state)
         try:
             yield url
         finally:
@@ -96,14 +97,72 @@ def _url(sock: str) -> str:
     return f"unix://{sock}?db=0"
 
 
-def start_redis(state: str) -> tuple[str, subprocess.Popen | None]:
-    """A redis-server private to this state dir (reused if one already runs).
-    Returns its URL and the process we started (None if reused)."""
+class _Leftover:
+    """A redis-server that a killed mount left running. The caller holds the
+    volume's lock, so nothing else uses it: it is adopted and stopped like
+    one started here (before, it ran on after every later unmount)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return 0
+        return None
+
+    def terminate(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("redis-server", timeout)
+            time.sleep(0.05)
+        return 0
+
+
+def _server_pid(sock: str) -> int | None:
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(1)
+            s.connect(sock)
+            s.sendall(b"INFO server\r\n")
+            data = b""
+            while b"process_id:" not in data or not data.endswith(b"\r\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        for line in data.decode(errors="replace").splitlines():
+            if line.startswith("process_id:"):
+                return int(line.split(":", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def start_redis(state: str) -> tuple[str, subprocess.Popen | _Leftover | None]:
+    """A redis-server private to this state dir. Returns its URL and the
+    process to stop afterwards: one started here, or one a killed mount left
+    running (adopted; None if its pid cannot be told). The caller holds the
+    volume's lock."""
     os.makedirs(state, mode=0o700, exist_ok=True)
     sock = os.path.join(state, "redis.sock")
+    if len(os.fsencode(sock)) > 107:
+        raise RuntimeError(f"the embedded volume's Redis socket {sock} is longer than a unix socket path "
+                           "may be (107 bytes); set XDG_STATE_HOME to a shorter directory")
     url = _url(sock)
     if _answers(sock):
-        return url, None
+        pid = _server_pid(sock)
+        return url, (_Leftover(pid) if pid else None)
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server), and the embedded default needs it")
@@ -130,7 +189,7 @@ def default_settings(state: str) -> dict:
     return volume_settings(VOLUME, "file", "file://" + os.path.join(state, "blocks"))
 
 
-def stop_redis(proc: subprocess.Popen | None) -> None:
+def stop_redis(proc: subprocess.Popen | _Leftover | None) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.terminate()  # redis fsyncs its append-only file on SIGTERM

@@ -284,6 +284,27 @@ def test_embedded_default_mount(mounts, tmp_dir):
              what="the embedded redis-server to stop after umount")
 
 
+def test_embedded_redis_of_killed_mount(mounts, tmp_dir):
+    """SIGKILL leaves the embedded volume's redis-server running. The next
+    mount reuses it and now also stops it at its unmount (it used to run on
+    for good); fsync'd data survives."""
+    env = dict(os.environ, HOME=str(tmp_dir), XDG_STATE_HOME=str(tmp_dir / "state"))
+    mp = new_dir("mnt")
+    m = mounts.start(["mount", str(mp)], mp, env)
+    with open(mp / "kept", "wb") as f:
+        f.write(b"fsynced")
+        os.fsync(f.fileno())
+    m.kill()
+    left = _redis_pids_under(tmp_dir)
+    assert len(left) == 1, left   # the killed mount's redis-server
+    m.start()   # (finds the stale mount and unmounts it first)
+    assert (mp / "kept").read_bytes() == b"fsynced"
+    assert _redis_pids_under(tmp_dir) == left   # reused
+    m.umount()
+    wait_for(lambda: not _redis_pids_under(tmp_dir), timeout=10,
+             what="the adopted redis-server to stop after umount")
+
+
 def _redis_pids_under(root: Path) -> list[int]:
     """Live redis-server processes whose cwd or command line is under root."""
     pids = []
