@@ -195,6 +195,20 @@ async def collect(it):
 # -- both kinds --------------------------------------------------------------
 
 
+def test_delete_many(store):
+    """One request per batch on S3 (DeleteObjects): missing keys are fine,
+    and other keys stay."""
+    async def body(s):
+        keys = [f"vol/chunks/0/0/{i}_0_3" for i in range(30)]
+        for k in keys:
+            await s.put(k, b"abc")
+        await s.delete_many(keys[:20] + ["never/existed"])
+        assert [await s.head(k) for k in keys] == [None] * 20 + [3] * 10
+        await s.delete_many(keys[:20])   # again: nothing left to delete
+        await s.delete_many([])
+    run(store, body)
+
+
 def test_put_get_head_delete(store):
     async def body(s):
         data = os.urandom(1 << 20) + b"tail"

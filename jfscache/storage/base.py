@@ -66,6 +66,16 @@ class ObjectStorage:
         """Delete the object; deleting a missing object is not an error."""
         raise NotImplementedError
 
+    # The most keys one delete_many() request takes (S3's DeleteObjects limit).
+    DELETE_BATCH = 1000
+
+    async def delete_many(self, keys: list[str]) -> None:
+        """Delete up to DELETE_BATCH objects (missing ones are not an error).
+        Stores with a batch call override it: a deleted data set is one
+        request per thousand objects instead of one per object."""
+        for key in keys:
+            await self.delete(key)
+
     def list(self, prefix: str = "", start_after: str = "") -> AsyncIterator[tuple[str, int]]:
         """(key, size) for keys starting with prefix and > start_after, sorted."""
         raise NotImplementedError

@@ -425,6 +425,11 @@ class S3Storage(ObjectStorage):
     async def _aio_delete(self, client, key: str) -> None:
         await client.delete_object(Bucket=self.bucket, Key=key)
 
+    async def _aio_delete_many(self, client, keys: list[str]) -> list[dict]:
+        resp = await client.delete_objects(Bucket=self.bucket, Delete={
+            "Objects": [{"Key": k} for k in keys], "Quiet": True})
+        return [e for e in resp.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
+
     async def _aio_list_page(self, client, kw: dict) -> dict:
         return await client.list_objects_v2(**kw)
 
@@ -480,6 +485,20 @@ class S3Storage(ObjectStorage):
     async def delete(self, key: str) -> None:
         check_key(key)
         await self._run("delete", key, self._aio_delete, key)
+
+    async def delete_many(self, keys: list[str]) -> None:
+        """One DeleteObjects request (it is idempotent, so retried like the rest)."""
+        if not keys:
+            return
+        if len(keys) > self.DELETE_BATCH:
+            raise ValueError(f"delete_many takes at most {self.DELETE_BATCH} keys")
+        for key in keys:
+            check_key(key)
+        failed = await self._run("delete", None, self._aio_delete_many, keys)
+        if failed:
+            e = failed[0]
+            raise StorageError(f"S3 delete of {len(failed)} of {len(keys)} objects at {self.url} failed, "
+                               f"e.g. {e.get('Key')}: {e.get('Code')} {e.get('Message', '')}".rstrip())
 
     async def list(self, prefix: str = "", start_after: str = "") -> AsyncIterator[tuple[str, int]]:
         # One aio_as_trio hop per page; the generator itself is trio-side, so

@@ -21,7 +21,7 @@ import logging
 
 import trio
 
-from ..layout import Segment, block_key, resolve
+from ..layout import Segment, block_key, resolve, slice_block_keys
 from ..meta.engine import Slice
 from ..cache.blocks import MissingBlock
 from .reader import read_segments
@@ -87,9 +87,7 @@ async def compact_chunk(meta, cache, volume: str, bs: int, ino: int, indx: int, 
 
 async def _discard(cache, volume: str, bs: int, slices: list[Slice]) -> None:
     with trio.CancelScope(shield=True):
-        for s in slices:
-            for i in range(0, s.size, bs):
-                try:
-                    await cache.remove(block_key(volume, s.id, i // bs, min(bs, s.size - i)))
-                except Exception as e:  # an orphan at worst: gc finds it
-                    log.debug("removing an unused compaction block failed: %s", e)
+        try:
+            await cache.remove([key for s in slices for key in slice_block_keys(volume, s.id, s.size, bs)])
+        except Exception as e:  # orphans at worst: gc finds them
+            log.debug("removing unused compaction blocks failed: %s", e)

@@ -196,9 +196,8 @@ class VFS:
         have none left."""
         distinct = {(s.pos, s.id, s.size, s.off, s.len): s for s in slices if s.id}
         sizes = {s.id: s.size for s in distinct.values()}
-        for sid in await self.meta.unref([(s.id, f"{s.off}:{s.len}") for s in distinct.values()]):
-            for key in slice_block_keys(self.volume, sid, sizes[sid], self.bs):
-                await self.cache.remove(key)
+        gone = await self.meta.unref([(s.id, f"{s.off}:{s.len}") for s in distinct.values()])
+        await self.cache.remove([key for sid in gone for key in slice_block_keys(self.volume, sid, sizes[sid], self.bs)])
 
     # ---- compaction -------------------------------------------------------
     def _compact_soon(self, ino: int, indx: int) -> trio.Event:
