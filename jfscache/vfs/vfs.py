@@ -43,6 +43,7 @@ ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 FRESH = 0.1
 INTERNAL = frozenset(NAMES.values())  # inodes of the virtual files
 LIST_AHEAD = 256  # attributes fetched per round trip in a stat pass over a listing
+FILE_CHUNKS = 100  # chunks of a deleted file handled per batch
 
 
 @dataclass
@@ -168,36 +169,48 @@ class VFS:
 
     async def _delete_pending(self) -> None:
         """Delete the data of removed files and truncated chunks, a batch at
-        a time, so a huge file never makes one long Redis call."""
+        a time, so a huge file never makes one long Redis call. Objects go
+        first, in batch requests across files; what pointed at them is
+        forgotten after (a crash in between only repeats the deletes)."""
         while True:
             files = await self.meta.deleted_files()
+            doomed: list[str] = []
+            forget: list[tuple[bytes, int, list[bytes]]] = []
             for member in files:
                 ino = int(member.split(b":")[0])
-                while chunks := await self.meta.file_chunks(ino):
-                    for _, slices in chunks:
-                        await self._delete_slices(slices)
+                chunks = await self.meta.file_chunks(ino, FILE_CHUNKS)
+                while len(chunks) == FILE_CHUNKS:   # a big file: its chunks a batch at a time
+                    doomed += await self._unref(s for _, slices in chunks for s in slices)
+                    await self.cache.remove(doomed)
+                    doomed = []
                     await self.meta.forget_chunks(ino, [i for i, _ in chunks])
+                    chunks = await self.meta.file_chunks(ino, FILE_CHUNKS)
+                doomed += await self._unref(s for _, slices in chunks for s in slices)
+                forget.append((member, ino, [i for i, _ in chunks]))
+            await self.cache.remove(doomed)
+            for member, ino, idx in forget:
+                if idx:
+                    await self.meta.forget_chunks(ino, idx)
                 await self.meta.forget_file(member, ino)
             cut = await self.meta.take_cut_chunks()
-            for _, slices in cut:
-                await self._delete_slices(slices)
+            await self.cache.remove(await self._unref(s for _, slices in cut for s in slices))
             await self.meta.forget_keys([k for k, _ in cut])
             slices = await self.meta.take_slices()
-            await self._delete_slices(slices)
+            await self.cache.remove(await self._unref(slices))
             replaced = await self.meta.compacted_due(time.time() - self.opts.compact_grace)
-            await self._delete_slices([Slice.unpack(b) for b in replaced])
+            await self.cache.remove(await self._unref(Slice.unpack(b) for b in replaced))
             await self.meta.forget_compacted(replaced)
             if not files and not cut and not slices and not replaced:
                 return
 
-    async def _delete_slices(self, slices: list[Slice]) -> None:
+    async def _unref(self, slices) -> list[str]:
         """Drop one reference per distinct slice entry (an entry sent twice
-        by a retried commit counts once); delete the objects of slices that
-        have none left."""
+        by a retried commit counts once); the block keys of the slices that
+        have none left, to delete."""
         distinct = {(s.pos, s.id, s.size, s.off, s.len): s for s in slices if s.id}
         sizes = {s.id: s.size for s in distinct.values()}
         gone = await self.meta.unref([(s.id, f"{s.off}:{s.len}") for s in distinct.values()])
-        await self.cache.remove([key for sid in gone for key in slice_block_keys(self.volume, sid, sizes[sid], self.bs)])
+        return [key for sid in gone for key in slice_block_keys(self.volume, sid, sizes[sid], self.bs)]
 
     # ---- compaction -------------------------------------------------------
     def _compact_soon(self, ino: int, indx: int) -> trio.Event:
