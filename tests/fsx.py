@@ -547,11 +547,13 @@ def verify_other(fsx: Fsx, path: str | Path, label: str = "") -> None:
 
 def run_pair(dir_a: str | Path, dir_b: str | Path, seed: int, ops: int, *,
              profile: str = "compact", background: Callable[[], object] | None = None,
-             background_interval: float = 3.0, out: Callable[[str], None] | None = None,
-             progress_every: int = 0, **fsx_kw) -> dict:
+             background_interval: float = 3.0, min_background_runs: int = 0,
+             out: Callable[[str], None] | None = None, progress_every: int = 0, **fsx_kw) -> dict:
     """Worker 0 runs fsx on DIR_A/fsx-0, worker 1 on DIR_B/fsx-1 (two mounts
     of one volume), at once, while `background()` runs again and again
-    (`background_interval` seconds apart). Then each file is verified
+    (`background_interval` seconds apart). Workers go on past `ops`, a tenth
+    of it at a time, until `background()` has completed `min_background_runs`
+    times: how many fit must not depend on the machine's speed. Then each file is verified
     through the other mount. Returns {"workers": [summary, summary],
     "background_runs": n, "background_errors": [...], "cross_verified": [...]}.
     Raises the first worker's Mismatch/FsxError (after stopping everything)."""
@@ -569,6 +571,8 @@ def run_pair(dir_a: str | Path, dir_b: str | Path, seed: int, ops: int, *,
     def work(i: int) -> None:
         try:
             results[i] = workers[i].run(ops)
+            while background and bg_runs[0] < min_background_runs and not failed.is_set():
+                results[i] = workers[i].run(max(ops // 10, 10))
         except BaseException as e:  # noqa: BLE001  (reported by the caller's thread)
             errors[i] = e
             failed.set()   # the other worker stops too
