@@ -13,7 +13,7 @@ import trio_asyncio
 
 from .cache.blocks import BlockCache, LocalWarmer
 from .cache.disk import DiskCache
-from .cache.staging import Staging
+from .cache.staging import WRITEBACK_HOLD, Staging
 from .fuse.ops import Operations
 from .group.node import GroupOptions, open_group
 from .meta.engine import Meta
@@ -99,7 +99,8 @@ async def _serve(cfg: MountConfig) -> None:
             # block) wait durably in the first cache dir until uploaded.
             cache.staging = Staging(disk.dirs[0].path, settings["name"], storage,
                                     free_ratio=cfg.free_space_ratio, uploads=cfg.opts.max_uploads,
-                                    on_uploaded=cache.uploaded, metrics=metrics, upload_delay=cfg.upload_delay)
+                                    on_uploaded=cache.uploaded, metrics=metrics, upload_delay=cfg.upload_delay,
+                                    hold=WRITEBACK_HOLD if cfg.writeback else 0.0, source=cache.mem.peek)
             await cache.staging.open()
             cache.writeback = cfg.writeback
         elif cfg.writeback:

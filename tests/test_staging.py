@@ -354,3 +354,51 @@ def test_upload_delay_holds_staged_blocks_back_except_at_unmount(tmp_path):
             assert "vol/chunks/0/0/2_0_1" in store.objects
             n.cancel_scope.cancel()
     trio.run(main)
+
+
+def test_writeback_holds_uploads_while_a_burst_goes_on(tmp_path):
+    """With a hold (--writeback), blocks staged one after another wait while
+    the burst goes on, and are uploaded once it pauses for QUIET; a steady
+    stream uploads each block once it has waited `hold`; the drain at unmount
+    uploads at once. An upload takes the block's bytes from `source` (the
+    memory tier) when it has them, instead of reading them back."""
+    import trio
+
+    from jfscache.cache import staging as stg
+
+    store = _Store()
+    in_memory = {}
+
+    async def main():
+        st = stg.Staging(str(tmp_path), "vol", store, hold=0.8, source=in_memory.get)
+        await st.open()
+        async with trio.open_nursery() as n:
+            st.start(n)
+            t0 = trio.current_time()
+            for i in range(10):  # a burst: a block every QUIET / 4
+                assert await st.stage(f"vol/chunks/0/0/{i}_0_1", b"a")
+                await trio.sleep(stg.QUIET / 4)
+            assert not store.objects
+            with trio.fail_after(2):
+                while st.pending:
+                    await trio.sleep(0.01)
+            assert len(store.objects) == 10
+
+            # A stream that never pauses: the first block goes at its hold.
+            i = 10
+            first = None
+            while first is None and trio.current_time() - t0 < 5:
+                assert await st.stage(f"vol/chunks/0/0/{i}_0_1", b"b")
+                first = first or (trio.current_time() if len(store.objects) > 10 else None)
+                i += 1
+                await trio.sleep(stg.QUIET / 4)
+            assert first is not None and store.objects["vol/chunks/0/0/10_0_1"] == b"b"
+
+            # In memory: uploaded from there (the staged record says "c").
+            in_memory["vol/chunks/0/0/99_0_1"] = b"m"
+            assert await st.stage("vol/chunks/0/0/99_0_1", b"c")
+            with trio.fail_after(0.5):  # the drain does not wait for the hold
+                await st.drain(stall=5)
+            assert store.objects["vol/chunks/0/0/99_0_1"] == b"m"
+            n.cancel_scope.cancel()
+    trio.run(main)

@@ -16,6 +16,10 @@ class MemoryCache:
             self._items.move_to_end(key)
         return data
 
+    def peek(self, key: str) -> bytes | None:
+        """A block without making it recently used."""
+        return self._items.get(key)
+
     def __contains__(self, key: str) -> bool:
         return key in self._items
 

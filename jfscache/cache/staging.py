@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import mmap
 import os
 import random
@@ -48,6 +49,20 @@ _ALIGN = 4096
 SEGMENT_MAX = 64 << 20  # a segment's length; a new one starts past it
 _GROW = 8 << 20  # zero-filled room kept ahead of the writer
 _MAX_BACKOFF = 30.0
+# Write-back holds uploads back during a burst of writes: on this 2-core
+# machine a 64 KiB upload costs the daemon ~0.65 ms of its one Python thread
+# (and the S3 server as much again), about what the write itself costs, so
+# uploading while the burst goes on halved its speed (270 against 530 files/s
+# of 64 KiB, fsync each). Uploads start once no block was staged for QUIET
+# seconds, or once the oldest staged block has waited `hold` seconds (other
+# nodes wait for it that much longer; a steady stream of writes then uploads
+# each block `hold` seconds after it was written; well inside the --io-timeout
+# that a reader elsewhere waits for a missing block), or once HOLD_BYTES are
+# waiting: about what the store here takes in the default hold, so that a held
+# burst drains in about as long as it was held.
+QUIET = 0.1
+HOLD_BYTES = 1 << 30
+WRITEBACK_HOLD = 10.0  # `hold` with --writeback
 _SEG_NAME = re.compile(r"^seg-(\d{8})$")
 
 
@@ -75,18 +90,21 @@ class _Segment:
 
 
 class _Entry:
-    __slots__ = ("seg", "off", "size", "path", "due")
+    __slots__ = ("seg", "off", "size", "path", "staged", "due")
 
-    def __init__(self, seg: _Segment | None, off: int, size: int, path: str | None = None, due: float = 0.0):
+    def __init__(self, seg: _Segment | None, off: int, size: int, path: str | None = None,
+                 staged: float = 0.0, due: float = 0.0):
         self.seg, self.off, self.size = seg, off, size
         self.path = path  # a file per block, as staged before segments (uploaded, then removed)
-        self.due = due  # time.monotonic() from which it may be uploaded
+        self.staged = staged  # time.monotonic() it was staged at (0: by an earlier run)
+        self.due = due  # time.monotonic() from which it may be uploaded (--upload-delay)
 
 
 class Staging:
     def __init__(self, cache_dir: str, volume: str, storage, *, free_ratio: float = 0.1,
                  uploads: int = 4, on_uploaded: Callable[[str, bytes], None] | None = None,
-                 metrics: Metrics | None = None, upload_delay: float = 0.0):
+                 metrics: Metrics | None = None, upload_delay: float = 0.0, hold: float = 0.0,
+                 source: Callable[[str], bytes | None] | None = None):
         self.root = os.path.join(os.path.abspath(cache_dir), "staging")
         self.volume = volume
         self.storage = storage
@@ -94,7 +112,8 @@ class Staging:
         self.on_uploaded = on_uploaded  # e.g. keep the block in the disk tier
         self.metrics = metrics if metrics is not None else Metrics()  # uploads are object-store puts
         self.pending: dict[str, int] = {}  # key -> size, in staging order
-        self._entries: dict[str, _Entry] = {}
+        self.bytes = 0  # of the pending blocks
+        self._entries: dict[str, _Entry] = {}  # in staging order too
         self._segs: dict[int, _Segment] = {}
         self._active: _Segment | None = None
         self._alloc = trio.Lock()
@@ -109,6 +128,11 @@ class Staging:
         self._retry_at = 0.0
         self._full_warned = False
         self.upload_delay = upload_delay  # --upload-delay (left out at unmount)
+        self.hold = hold  # write-back's hold during a burst (see QUIET); 0: none
+        self._last_stage = 0.0
+        # A staged block's bytes if still in memory (the memory tier), so that
+        # its upload need not read them back from the disk.
+        self.source = source
         self._draining = False
         self.uploaded = 0  # blocks uploaded from here, for .stats
 
@@ -185,13 +209,10 @@ class Staging:
                         "upload at the next mount with this cache dir",
                         len(self.pending), self.bytes >> 20, self.root)
 
-    @property
-    def bytes(self) -> int:
-        return sum(self.pending.values())
-
     def _add(self, key: str, entry: _Entry) -> None:
         self._entries[key] = entry
         self.pending[key] = entry.size
+        self.bytes += entry.size
         if self._drained.is_set():
             self._drained = trio.Event()
         self._wakeup.set()
@@ -269,7 +290,8 @@ class Staging:
             self._full_warned = e.errno in (errno.ENOSPC, errno.EDQUOT)
             return False
         self._full_warned = False
-        self._add(key, _Entry(seg, off, len(data), due=time.monotonic() + self.upload_delay))
+        now = self._last_stage = time.monotonic()
+        self._add(key, _Entry(seg, off, len(data), staged=now, due=now + self.upload_delay))
         return True
 
     async def get(self, key: str) -> bytes | None:
@@ -294,36 +316,48 @@ class Staging:
     async def _uploader(self) -> None:
         async with trio.open_nursery() as n:
             while True:
-                waiting = [k for k in self.pending if k not in self._uploading]
-                if not waiting:
-                    await self._wakeup.wait()
-                    self._wakeup = trio.Event()
-                    continue
                 now = time.monotonic()
-                delay = self._retry_at - now
-                if delay <= 0 and self.upload_delay and not self._draining:
-                    due = [k for k in waiting if self._entries[k].due <= now]
-                    if not due:
-                        delay = min(self._entries[k].due for k in waiting) - now
-                    waiting = due
-                if delay > 0:
-                    with trio.move_on_after(delay):
-                        await self._wakeup.wait()  # woken early only to see new keys
+                wait = max(self._retry_at - now, self._held(now))
+                key = None
+                if wait <= 0:
+                    key, wait = self._next_due(now)
+                if key is None:
+                    with trio.move_on_after(wait if wait > 0 else math.inf):
+                        await self._wakeup.wait()  # new keys, a finished upload, the drain
                     self._wakeup = trio.Event()
                     continue
-                for key in waiting:
-                    await self._limit.acquire()  # at most `uploads` at once
-                    if self._retry_at > time.monotonic():
-                        self._limit.release()
-                        break  # an upload just failed: back off before the rest
-                    self._uploading.add(key)
-                    n.start_soon(self._upload, key)
+                await self._limit.acquire()  # at most `uploads` at once
+                if self._retry_at > time.monotonic():
+                    self._limit.release()
+                    continue  # an upload just failed: back off before the rest
+                self._uploading.add(key)
+                n.start_soon(self._upload, key)
+
+    def _held(self, now: float) -> float:
+        """Seconds that write-back still holds every upload back (see QUIET)."""
+        if not self.hold or self._draining or self.bytes >= HOLD_BYTES or not self._entries:
+            return 0.0
+        oldest = next(iter(self._entries.values()))
+        return min(oldest.staged + self.hold, self._last_stage + QUIET) - now
+
+    def _next_due(self, now: float) -> tuple[str | None, float]:
+        """The oldest staged block that may be uploaded now, or None and the
+        seconds until one may (0: none is waiting)."""
+        for key, entry in self._entries.items():
+            if key in self._uploading:
+                continue
+            if self._draining or entry.due <= now:
+                return key, 0.0
+            return None, entry.due - now  # in staging order: the later ones are due later
+        return None, 0.0
 
     async def _upload(self, key: str) -> None:
         entry = self._entries[key]
         try:
             try:
-                data = await self._read(key, entry)
+                data = self.source(key) if self.source is not None else None
+                if data is None or len(data) != entry.size:
+                    data = await self._read(key, entry)
             except OSError as e:
                 log.error("staged block %s cannot be uploaded, and is lost: %s", key, e)
                 self._forget(key)
@@ -344,7 +378,10 @@ class Staging:
             if self._failures:
                 log.info("the object store takes uploads again; %d staged blocks left", len(self.pending) - 1)
             self._failures = 0
-            await trio.to_thread.run_sync(_mark_uploaded, entry)
+            if entry.path is None:
+                os.pwrite(entry.seg.fd, DONE, entry.off)  # 4 bytes into the page cache: no thread
+            else:
+                await trio.to_thread.run_sync(_unlink_quietly, entry.path)
             self.uploaded += 1
             self._forget(key)
             if self.on_uploaded is not None:
@@ -356,7 +393,7 @@ class Staging:
 
     def _forget(self, key: str) -> None:
         entry = self._entries.pop(key, None)
-        self.pending.pop(key, None)
+        self.bytes -= self.pending.pop(key, 0)
         if entry is not None and entry.seg is not None:
             self._release(entry.seg)
         if not self.pending:
@@ -454,13 +491,6 @@ def _scan_segment(fd: int) -> list[tuple[int, int, str, int, bool]]:
             out.append((gen, off, key, dlen, magic == DONE))
             off += _record_len(start - off - _HEAD.size, dlen)
     return out
-
-
-def _mark_uploaded(entry: _Entry) -> None:
-    if entry.path is not None:
-        _unlink_quietly(entry.path)
-    else:
-        os.pwrite(entry.seg.fd, DONE, entry.off)
 
 
 def _unlink_quietly(path: str) -> None:
