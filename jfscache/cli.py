@@ -512,16 +512,51 @@ def _daemonize(log_file: str, mountpoint: str) -> None:
     "jfscache umount -f /mnt/research         # busy: detach now, finish when the last user leaves"))
 @click.argument("mountpoint")
 @click.option("-f", "--force", is_flag=True, help="lazy unmount even if busy")
-def umount(mountpoint, force):
-    """Unmount a mounted volume (buffered data is flushed first)."""
+@click.option("--no-wait", is_flag=True,
+              help="return once unmounted, while the daemon may still upload staged blocks")
+def umount(mountpoint, force, no_wait):
+    """Unmount a mounted volume (buffered data is flushed first), and wait
+    until its daemon has exited: it uploads what write-back staged first, so
+    that a mount with the same cache dir can follow at once."""
     mountpoint = os.path.abspath(mountpoint)
     if not os.path.ismount(mountpoint):
         raise Failure(f"{mountpoint} is not mounted")
+    pid = None
+    if not no_wait:
+        from .monitor import read_snapshot
+        try:
+            pid = int(read_snapshot(mountpoint)["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not ours, or an older daemon, or not answering: nothing to wait for
     exe = shutil.which("fusermount3") or shutil.which("fusermount")
     cmd = [exe, "-u"] + (["-z"] if force else []) + [mountpoint] if exe else ["umount", mountpoint]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise Failure((r.stderr.strip().splitlines() or [f"unmounting {mountpoint} failed"])[-1])
+    if pid is not None and not force:  # (a lazy unmount ends when the last user leaves)
+        _wait_exit(pid)
+
+
+def _wait_exit(pid: int) -> None:
+    """Wait for the daemon to exit; say why once it takes a while."""
+    told = time.monotonic() + 2
+    while True:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"jfscache" not in f.read():
+                    return  # gone, and the pid reused (or another pid namespace's)
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] == "Z":
+                    return  # exited, not reaped yet (by whoever started it)
+        except FileNotFoundError:
+            return
+        except PermissionError:
+            pass  # another user's daemon: it still runs
+        if told and time.monotonic() > told:
+            click.echo(f"waiting for the daemon (pid {pid}) to exit: it uploads staged blocks first "
+                       "(--no-wait returns at once)", err=True)
+            told = 0
+        time.sleep(0.05)
 
 
 # ---- warmup -----------------------------------------------------------------

@@ -61,6 +61,7 @@ Series (each with the prefix jfscache_; counters end in _total):
 from __future__ import annotations
 
 import json
+import os
 import math
 import time
 from bisect import bisect_left
@@ -289,7 +290,7 @@ class Metrics:
         def v(name: str, **labels) -> float:
             return s.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
 
-        d: dict = {}
+        d: dict = {"pid": os.getpid()}  # the daemon's: `jfscache umount` waits for it to exit
         for t in TIERS:
             d[f"{t}_hits"] = v("jfscache_cache_hits_total", tier=t)
             d[f"{t}_hit_bytes"] = v("jfscache_cache_hit_bytes_total", tier=t)

@@ -223,22 +223,31 @@ def test_status_masks_secret_and_lists_sessions(make_volume, mount_volume, s3_se
 # mount and umount
 
 def test_mount_daemon_returns_once_mounted(make_volume, mounts):
+    """mount -d returns once mounted; umount returns once the daemon has
+    exited, after uploading what write-back staged, so that a mount with the
+    same cache dir can follow at once."""
     vol = make_volume("s3")
     mp = new_dir("mnt")
+    cache = new_dir("cache")
     log = new_dir("log") / "daemon.log"
     mounts.track_mountpoint(mp)
-    r = run_cli("mount", vol.meta_url, mp, "--cache-dir", new_dir("cache"), "-d",
-                "--log", log, env=vol.env, timeout=60)
-    assert_ok(r)
+    args = ("mount", vol.meta_url, mp, "--cache-dir", cache, "-d", "--log", log)
+    assert_ok(run_cli(*args, "--writeback", env=vol.env, timeout=60))
     assert is_mounted(mp) and os.path.ismount(mp), "mount -d returned before mounting"
     (mp / "hello").write_bytes(b"hello -d")
     assert (mp / "hello").read_bytes() == b"hello -d"
+    for i in range(20):  # staged, held back by write-back while the burst goes on
+        (mp / f"f{i}").write_bytes(os.urandom(100_000))
     assert pids_with_arg(str(mp), also="jfscache"), "no daemon serving the mount point"
     assert log.exists(), "--log FILE was not created"
     assert_ok(run_cli("umount", mp, env=vol.env))
     assert not is_mounted(mp)
+    assert not pids_with_arg(str(mp), also="jfscache"), "umount returned while the daemon still ran"
+    assert_ok(run_cli(*args, env=vol.env, timeout=60))  # the same cache dir, at once
+    assert (mp / "f19").stat().st_size == 100_000
+    assert_ok(run_cli("umount", mp, "--no-wait", env=vol.env))
     wait_for(lambda: not pids_with_arg(str(mp), also="jfscache"), timeout=20,
-             what="the daemon to exit after umount")
+             what="the daemon to exit after umount --no-wait")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
