@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from .notify import sd_notify
 from .storage import StorageError, create_storage
 from .vfs.vfs import VFS, Options
 
+TRIM_EVERY = 1.0
 log = logging.getLogger("jfscache")
 
 
@@ -137,6 +139,7 @@ async def _serve(cfg: MountConfig) -> None:
             if cache.staging is not None:
                 cache.staging.start(n)
             n.start_soon(_on_signals, vfs)
+            n.start_soon(_give_back_freed_memory)
             if cfg.read_ahead_kb:
                 n.start_soon(trio.to_thread.run_sync, _raise_read_ahead, cfg.mountpoint, cfg.read_ahead_kb)
             n.start_soon(_ready_when_mounted, cfg.mountpoint)
@@ -149,6 +152,25 @@ async def _serve(cfg: MountConfig) -> None:
                 await disk.drain()
             n.cancel_scope.cancel()
     log.info("unmounted %s", cfg.mountpoint)
+
+
+async def _give_back_freed_memory() -> None:
+    """Return freed heap memory to the kernel every TRIM_EVERY seconds.
+    glibc raises its mmap threshold each time a big chunk is freed, so 4 MiB
+    blocks come from the heap after the first few, and the heap keeps what
+    they leave behind: ~90 MiB of the daemon's RSS in a 1 GiB read. A fixed
+    threshold gives that back at every free, but then each new block costs
+    its page faults (warm reads 20-25 % slower); malloc_trim once a second
+    gives back only what stays free. Measured (bench seq, 2 runs each): peak
+    RSS 434/443 MiB against 443/469 (cold/warm), warm reads unchanged."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return  # not glibc
+    trim.argtypes = [ctypes.c_size_t]
+    while True:
+        await trio.sleep(TRIM_EVERY)
+        trim(0)
 
 
 def _stop_http(server) -> None:
