@@ -210,8 +210,7 @@ async def gc(meta: Meta, storage, cache=None, dry_run: bool = False, compact: bo
                   kept_recent_slices=len(orphans) - len(old))
     if not dry_run:
         doomed = [key for keys in old.values() for key in keys]
-        for i in range(0, len(doomed), storage.DELETE_BATCH):
-            await storage.delete_many(doomed[i:i + storage.DELETE_BATCH])
+        await storage.delete_many(doomed)
         await r.execute("SET", "gcMark", now_mark)
         report["deleted_objects"] = sum(len(k) for k in old.values())
     return report

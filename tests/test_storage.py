@@ -206,6 +206,9 @@ def test_delete_many(store):
         assert [await s.head(k) for k in keys] == [None] * 20 + [3] * 10
         await s.delete_many(keys[:20])   # again: nothing left to delete
         await s.delete_many([])
+        s.DELETE_BATCH = 3  # more keys than a request takes: split
+        await s.delete_many(keys[20:])
+        assert [await s.head(k) for k in keys[20:]] == [None] * 10
     run(store, body)
 
 

@@ -217,21 +217,21 @@ class BlockCache:
             self.disk.add(key, data)
 
     async def remove(self, keys: list[str]) -> None:
-        """Forget blocks everywhere and delete them from the store, a batch
-        request per storage.DELETE_BATCH keys."""
+        """Forget blocks everywhere and delete them from the store (in
+        batches: storage.delete_many)."""
         for key in keys:
             self.mem.drop(key)
             if self.disk is not None:
                 self.disk.drop(key)
-        step = self.storage.DELETE_BATCH
-        for i in range(0, len(keys), step):
-            t = time.perf_counter()
-            try:
-                await self.storage.delete_many(keys[i:i + step])
-            except StorageError:
-                self.metrics.s3_failed("delete", time.perf_counter() - t)
-                raise
-            self.metrics.s3("delete", 0, time.perf_counter() - t)
+        if not keys:
+            return
+        t = time.perf_counter()
+        try:
+            await self.storage.delete_many(keys)
+        except StorageError:
+            self.metrics.s3_failed("delete", time.perf_counter() - t)
+            raise
+        self.metrics.s3("delete", 0, time.perf_counter() - t)
 
 
 class LocalWarmer:

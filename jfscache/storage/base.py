@@ -66,13 +66,13 @@ class ObjectStorage:
         """Delete the object; deleting a missing object is not an error."""
         raise NotImplementedError
 
-    # The most keys one delete_many() request takes (S3's DeleteObjects limit).
+    # The most keys one batch delete request takes (S3's DeleteObjects limit).
     DELETE_BATCH = 1000
 
     async def delete_many(self, keys: list[str]) -> None:
-        """Delete up to DELETE_BATCH objects (missing ones are not an error).
-        Stores with a batch call override it: a deleted data set is one
-        request per thousand objects instead of one per object."""
+        """Delete the objects (missing ones are not an error). Stores with a
+        batch call override it: a deleted data set is one request per
+        DELETE_BATCH objects instead of one per object."""
         for key in keys:
             await self.delete(key)
 

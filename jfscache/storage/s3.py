@@ -487,18 +487,17 @@ class S3Storage(ObjectStorage):
         await self._run("delete", key, self._aio_delete, key)
 
     async def delete_many(self, keys: list[str]) -> None:
-        """One DeleteObjects request (it is idempotent, so retried like the rest)."""
-        if not keys:
-            return
-        if len(keys) > self.DELETE_BATCH:
-            raise ValueError(f"delete_many takes at most {self.DELETE_BATCH} keys")
+        """A DeleteObjects request per DELETE_BATCH keys (idempotent, so
+        retried like the rest)."""
         for key in keys:
             check_key(key)
-        failed = await self._run("delete", None, self._aio_delete_many, keys)
-        if failed:
-            e = failed[0]
-            raise StorageError(f"S3 delete of {len(failed)} of {len(keys)} objects at {self.url} failed, "
-                               f"e.g. {e.get('Key')}: {e.get('Code')} {e.get('Message', '')}".rstrip())
+        for i in range(0, len(keys), self.DELETE_BATCH):
+            batch = keys[i:i + self.DELETE_BATCH]
+            failed = await self._run("delete", None, self._aio_delete_many, batch)
+            if failed:
+                e = failed[0]
+                raise StorageError(f"S3 delete of {len(failed)} of {len(batch)} objects at {self.url} failed, "
+                                   f"e.g. {e.get('Key')}: {e.get('Code')} {e.get('Message', '')}".rstrip())
 
     async def list(self, prefix: str = "", start_after: str = "") -> AsyncIterator[tuple[str, int]]:
         # One aio_as_trio hop per page; the generator itself is trio-side, so
