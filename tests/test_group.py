@@ -309,7 +309,8 @@ def test_member_killed_in_the_middle_of_reads(make_volume, mount_volume):
         nodes[0].kill()
         readers.wait_passes(6)
     assert not readers.errors, readers.errors[:5]
-    assert total(nodes[1:], "group_fallbacks") + total(nodes[1:], "group_errors") > 0
+    assert total(nodes[1:], "group_fallbacks") + total(nodes[1:], "group_errors") > 0, \
+        [stats(m) for m in nodes[1:]]
 
 
 def test_member_joins_while_readers_run(make_volume, mount_volume, s3_server):
@@ -335,7 +336,7 @@ def test_member_joins_while_readers_run(make_volume, mount_volume, s3_server):
             wait_members(m, 3)
         readers.wait_passes(4)
     assert not readers.errors, readers.errors[:5]
-    assert stats(new).get("group_handover_hits", 0) > 0
+    assert stats(new).get("group_handover_hits", 0) > 0, [stats(m) for m in nodes + [new]]
     assert total(nodes + [new], "store_gets") == 0, "a block came from S3 after the join"
     # S3's own count: only the new member's mount check (bucket and test object)
     assert s3_server.requests(vol.bucket, "GET") - g0 <= 2
