@@ -509,7 +509,8 @@ def _daemonize(log_file: str, mountpoint: str) -> None:
 # ---- umount -----------------------------------------------------------------
 @cli.command(epilog=_examples(
     "jfscache umount /mnt/research",
-    "jfscache umount -f /mnt/research         # busy: detach now, finish when the last user leaves"))
+    "jfscache umount -f /mnt/research         # busy: detach now, finish when the last user leaves",
+    "jfscache umount --no-wait /mnt/research  # do not wait for write-back's uploads to finish"))
 @click.argument("mountpoint")
 @click.option("-f", "--force", is_flag=True, help="lazy unmount even if busy")
 @click.option("--no-wait", is_flag=True,
