@@ -76,6 +76,32 @@ def test_no_xattr_mount_answers_xattrs_in_the_kernel(make_volume, mount_volume, 
     assert (d / "copied").read_bytes() == b"data"
 
 
+def test_ls_l_asks_for_xattrs_once_per_listing_not_once_per_file(make_volume, mount_volume):
+    """ls -l asks each file for its SELinux label and its ACL; both answer
+    EOPNOTSUPP (vfs.UNSUPPORTED_XATTRS), and ls then stops asking for the rest
+    of the device. Answered "no such attribute", it asked once per file: a
+    FUSE round trip each, most of the time of `ls -l` on a big directory."""
+    import json
+    import subprocess
+
+    m = mount_volume(make_volume("file"))
+    d = new_dir("labels", parent=m.path)
+    for i in range(300):
+        (d / f"f{i:03d}").write_bytes(b"x")
+    os.setxattr(d / "f007", "user.k", b"v")  # an inode with xattrs changes nothing
+
+    def xattr_requests():
+        ops = json.loads((m.path / ".stats").read_bytes())["fuse_ops"]
+        return sum(ops.get(op, {}).get("count", 0) for op in ("getxattr", "listxattr"))
+
+    before = xattr_requests()
+    out = subprocess.run(["ls", "-l", str(d)], check=True, capture_output=True, text=True).stdout
+    asked = xattr_requests() - before
+    assert len(out.splitlines()) == 301  # "total" and every file, with no "+" or "." after the modes
+    assert all(line.startswith("-rw-r--r-- ") for line in out.splitlines()[1:]), out[:500]
+    assert asked <= 4, f"ls -l of 300 files made {asked} xattr requests"
+
+
 def test_a_listing_repeated_within_the_attribute_timeout_comes_from_the_kernel(make_volume, mount_volume):
     """A repeated `ls`, or each DataLoader worker listing the same directory:
     within the attribute timeout of the daemon's last listing, the kernel

@@ -66,7 +66,9 @@ def test_copy_tools_keep_modes(mnt, tmp_dir, tool):
     assert _snapshot(dst) == _snapshot(src)
 
 
-def test_posix_acl_xattrs_are_refused(mnt):
+def test_posix_acl_and_selinux_xattrs_are_refused(mnt):
+    """ACLs and SELinux labels are not stored (vfs.UNSUPPORTED_XATTRS): they
+    answer EOPNOTSUPP, so tools fall back (chmod) or stop asking (ls -l)."""
     f = mnt / "f"
     f.write_bytes(b"x")
     acl = b"\x02\x00\x00\x00" + b"".join(   # user::rw- group::r-- other::r--, in xattr form
@@ -80,8 +82,16 @@ def test_posix_acl_xattrs_are_refused(mnt):
             with pytest.raises(OSError) as e:
                 call()
             assert e.value.errno in errnos, (name, what, e.value)
+    for what, call in (("set", lambda: os.setxattr(f, "security.selinux", b"system_u:object_r:fusefs_t:s0")),
+                       ("get", lambda: os.getxattr(f, "security.selinux")),
+                       ("remove", lambda: os.removexattr(f, "security.selinux"))):
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.EOPNOTSUPP, ("security.selinux", what, e.value)
     os.setxattr(f, "user.kept", b"1")  # other xattrs still work
     assert os.getxattr(f, "user.kept") == b"1"
+    os.setxattr(f, "security.capability", b"\x01\x00\x00\x02" + bytes(16))  # as setcap stores it
+    assert os.getxattr(f, "security.capability") == b"\x01\x00\x00\x02" + bytes(16)
 
 
 def test_limits_of_file_size(mnt, mnt_mount):

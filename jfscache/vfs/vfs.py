@@ -35,7 +35,16 @@ FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE = 0x01, 0x02, 0x10  # lin
 # system mounted without ACL support does) makes cp -a, rsync -A and tar
 # fall back to chmod. Storing them as plain xattrs would "succeed", and those
 # tools would then skip the chmod and leave every copy at its creation mode.
-ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+#
+# SELinux labels are not stored either: a host running SELinux labels a FUSE
+# mount by policy (genfscon, or the context= mount option), answers
+# security.selinux queries itself and refuses to set it on such a mount, so
+# the query reaches this file system only on hosts without SELinux, where no
+# one uses it. Answering it EOPNOTSUPP there (as GlusterFS does unless mounted
+# with --selinux) lets `ls -l` remember that this device has no labels after
+# its first file: otherwise it asks once per file, a FUSE round trip each,
+# most of the time of `ls -l` on a big directory.
+UNSUPPORTED_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default", b"security.selinux")
 # open() and getattr() fetch fresh attributes (close-to-open consistency),
 # unless this node read them this recently and has not changed the inode
 # since: the kernel's lookup, open and the application's fstat() of one
@@ -776,7 +785,7 @@ class VFS:
         return self._no_xattrs(ino)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
-        if name in ACL_XATTRS:
+        if name in UNSUPPORTED_XATTRS:
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
         if await self._known_without_xattrs(ino):
             raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
@@ -788,14 +797,14 @@ class VFS:
         return await self.meta.listxattr(ino)
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        if name in ACL_XATTRS:
+        if name in UNSUPPORTED_XATTRS:
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
         self._changed(ino)
         self._no_xattr.pop(ino, None)
         await self.meta.setxattr(ino, name, value)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
-        if name in ACL_XATTRS:
+        if name in UNSUPPORTED_XATTRS:
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
         self._changed(ino)
         await self.meta.removexattr(ino, name)
