@@ -208,5 +208,24 @@ async def _close_session(meta: Meta) -> None:
             log.warning("closing the session failed: %s", e)
 
 
+def _one_malloc_arena() -> None:
+    """Make every thread allocate from glibc's one main arena. Blocks are
+    read from the disk tier on worker threads, each with an arena of its own
+    by default, and freed on the main thread when the memory tier evicts
+    them: the freed 4 MiB went back to an arena that the next read's thread
+    did not use. Measured (1 GiB warm read, 256 MiB memory tier, 2 runs each):
+    peak RSS 376/376 MiB against 453/495, at the same speed (406/423 against
+    394/411 MB/s). Allocations happen with the GIL held, so one arena adds
+    little lock contention."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return  # not glibc
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    M_ARENA_MAX = -8
+    mallopt(M_ARENA_MAX, 1)
+
+
 def run_mount(cfg: MountConfig) -> None:
+    _one_malloc_arena()
     trio.run(_serve, cfg)
