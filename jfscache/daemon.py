@@ -45,6 +45,7 @@ class MountConfig:
     io_timeout: float = 60.0  # bound of one object-store operation, retries included
     writeback: bool = False  # stage new blocks locally and upload them in the background
     upload_delay: float = 0.0  # seconds a staged block waits before its upload
+    fuse_poll_us: int = 50  # pyfuse3.main(spin_us): polling for the next request before sleeping
     subdir: str = ""  # mount this directory of the volume as the root
     metrics: str = ""  # HOST:PORT to serve Prometheus metrics on ("": not served)
 
@@ -143,7 +144,7 @@ async def _serve(cfg: MountConfig) -> None:
             if cfg.read_ahead_kb:
                 n.start_soon(trio.to_thread.run_sync, _raise_read_ahead, cfg.mountpoint, cfg.read_ahead_kb)
             n.start_soon(_ready_when_mounted, cfg.mountpoint)
-            await pyfuse3.main()
+            await pyfuse3.main(spin_us=cfg.fuse_poll_us)
             sd_notify("STOPPING=1")
             await vfs.shutdown()
             if cache.staging is not None:

@@ -6,7 +6,9 @@
 - ``opendir`` may return a ``FileInfo`` whose ``cache_readdir`` (and
   ``keep_cache``) make the kernel cache the listing, while returning an int
   still works as before;
-- ``FileInfo.noflush`` from ``open`` spares the FLUSH request at close.
+- ``FileInfo.noflush`` from ``open`` spares the FLUSH request at close;
+- ``main(spin_us=N)`` polls the device before it waits (the test file
+  system is served that way, so every test goes through that path).
 
 A tiny pyfuse3 file system (this file, run as a script) is mounted in a
 subprocess that logs every handler call as a JSON line; the tests count them.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
 import os
 import stat
@@ -135,7 +138,8 @@ def serve(mountpoint: str, log_path: str) -> None:
     opts.add("fsname=pyfuse3-patch-test")
     pyfuse3.init(PatchFS(log_path), mountpoint, opts)
     try:
-        trio.run(pyfuse3.main)
+        # spin_us: every test below also runs through the polling read path
+        trio.run(functools.partial(pyfuse3.main, spin_us=50))
     finally:
         pyfuse3.close(unmount=True)
 
