@@ -52,6 +52,29 @@ UNSUPPORTED_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default", b
 FRESH = 0.1
 INTERNAL = frozenset(NAMES.values())  # inodes of the virtual files
 LIST_AHEAD = 256  # attributes fetched per round trip in a stat pass over a listing
+
+
+class _Pass:
+    """A stat or lookup pass over one listing: how far ahead to fetch. The
+    window doubles (up to LIST_AHEAD) while each miss falls where the last
+    fetch ended or within the span after it, as in ls -l or find, and falls
+    back to one entry when a miss lands elsewhere: a program that lists a
+    directory, then stats its files shuffled fetched 256 entries per file
+    (here 2,000 stats of a 10,000-file directory: ~800/s, against 2,300-5,600
+    now)."""
+    __slots__ = ("items", "next", "window")
+
+    def __init__(self, items: list):
+        self.items = items
+        self.next = -1
+        self.window = 0
+
+    def batch(self, i: int) -> list:
+        """The entries to fetch for a miss on entry i (i first)."""
+        follows = self.next <= i < self.next + self.window
+        self.window = min(LIST_AHEAD, 2 * self.window) if follows else 1
+        self.next = i + self.window
+        return self.items[i:self.next]
 FILE_CHUNKS = 100  # chunks of a deleted file handled per batch
 
 
@@ -113,8 +136,8 @@ class VFS:
         self._delete_wakeup = trio.Event()
         self._fresh: dict[int, tuple] = {}  # inode -> (when, Attr, chunk 0's slices or None)
         self._no_xattr: dict[int, float] = {}  # inode -> until when it is known to have no xattrs
-        self._listed: dict[int, tuple[list[int], int]] = {}  # inode -> (its last listing's inodes, position)
-        self._listed_names: dict[tuple[int, bytes], tuple[list[bytes], int]] = {}  # likewise, by (dir, name)
+        self._listed: dict[int, tuple[_Pass, int]] = {}  # inode -> (its last listing's inodes, position)
+        self._listed_names: dict[tuple[int, bytes], tuple[_Pass, int]] = {}  # likewise, by (dir, name)
         self._entries: dict[int, dict[bytes, tuple[float, int]]] = {}  # dir -> name -> (when looked up, inode)
         self._ahead: dict[int, tuple[float, Attr]] = {}  # inode -> (when fetched ahead, Attr)
         self._listed_at: dict[int, float] = {}  # dir -> when its last listing from the start was taken
@@ -310,7 +333,7 @@ class VFS:
             # expired): fetch the next entries' attributes too, in one round
             # trip.
             inos, i = listed
-            await self._fetch_ahead(inos[i:i + LIST_AHEAD])
+            await self._fetch_ahead(inos.batch(i))
             got = self._ahead.get(ino)
             if got is not None:
                 return self._overlay(got[1])
@@ -328,7 +351,7 @@ class VFS:
                 # A lookup pass over a listing the kernel served from its
                 # cache (its entries expired): look the next names up too.
                 names, i = listed
-                batch = names[i:i + LIST_AHEAD]
+                batch = names.batch(i)
                 known = self._entries.setdefault(parent, {})
                 attrs = await self.meta.lookup_many(parent, batch)
                 self._keep_ahead(attrs)
@@ -724,6 +747,11 @@ class VFS:
         if h.entries is None or start == 0:
             taken = time.monotonic()
             parent, ents = await self.meta.readdir(h.ino)
+            # In name order (Redis gives hash order): ls -l and programs that
+            # sort a listing then stat or open entries in the listing's own
+            # order, which fetches their attributes ahead (_Pass). Sorting
+            # 10,000 names takes ~3 ms of a ~300 ms listing.
+            ents.sort()
             up = h.ino if h.ino == self.root else (parent or ROOT_INODE)  # nothing above a --subdir root
             h.entries = [(b".", h.ino, "d"), (b"..", up, "d")] + ents
             h.attrs = {}
@@ -733,10 +761,10 @@ class VFS:
                 self._entries.clear()
                 self._listed_at.clear()
             self._listed_at[h.ino] = taken
-            inos = [ino for _, ino, _ in ents]
-            names = [name for name, _, _ in ents]
-            self._listed.update((ino, (inos, i)) for i, ino in enumerate(inos))
-            self._listed_names.update(((h.ino, name), (names, i)) for i, name in enumerate(names))
+            inos = _Pass([ino for _, ino, _ in ents])
+            names = _Pass([name for name, _, _ in ents])
+            self._listed.update((ino, (inos, i)) for i, ino in enumerate(inos.items))
+            self._listed_names.update(((h.ino, name), (names, i)) for i, name in enumerate(names.items))
         out = []
         i, n = start, len(h.entries)
         while i < n and len(out) < count:
@@ -781,7 +809,7 @@ class VFS:
         if listed is None:
             return False
         inos, i = listed
-        await self._fetch_ahead(inos[i:i + LIST_AHEAD])
+        await self._fetch_ahead(inos.batch(i))
         return self._no_xattrs(ino)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
