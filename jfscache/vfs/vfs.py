@@ -52,6 +52,7 @@ UNSUPPORTED_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default", b
 FRESH = 0.1
 INTERNAL = frozenset(NAMES.values())  # inodes of the virtual files
 LIST_AHEAD = 256  # attributes fetched per round trip in a stat pass over a listing
+FILE_CHUNKS = 100  # chunks of a deleted file handled per batch
 
 
 class _Pass:
@@ -75,7 +76,6 @@ class _Pass:
         self.window = min(LIST_AHEAD, 2 * self.window) if follows else 1
         self.next = i + self.window
         return self.items[i:self.next]
-FILE_CHUNKS = 100  # chunks of a deleted file handled per batch
 
 
 @dataclass
