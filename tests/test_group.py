@@ -81,7 +81,7 @@ def test_s3_serves_each_block_once(make_volume, mount_volume):
     for m in nodes[1:]:   # two nodes read everything, at once
         got = read_all([m.path / n for n in files])
         assert {p.name: d for p, d in got.items()} == files
-    assert total(nodes, "store_gets") == 12, [stats(m) for m in nodes]
+    assert total(nodes, "store_gets") == 12, counters(nodes)
     assert total(nodes, "group_hits") > 0 and total(nodes, "peer_served_requests") > 0
     assert total(nodes, "group_errors") == 0
 
