@@ -92,6 +92,48 @@ def test_stat_pass_after_a_listing_fetches_what_it_uses(make_volume, mount_volum
     assert per_stat < (3 if order == "sorted" else 10), f"{per_stat:.1f} HMGETs per stat ({order})"
 
 
+def test_a_plain_listing_fetches_few_attributes_and_ls_l_still_gets_them(make_volume, mount_volume, redis_server):
+    """The kernel asks for attributes (READDIRPLUS) in the first request of
+    a listing and where it expects lookups, and for names only (READDIR)
+    in the rest of a listing nobody stats (`ls`, os.listdir, a DataLoader's
+    file list). Before, every entry's attributes were fetched: 3,000
+    HMGETs here. Entry types still arrive without a stat, and `ls -l`
+    still gets attributes with the listing (no lookup per file)."""
+    import json
+    import subprocess
+
+    m = mount_volume(make_volume("file"), None)
+    d = new_dir("plain", parent=m.path)
+    n = 3000
+    for i in range(n):
+        os.close(os.open(d / f"f{i:04d}", os.O_WRONLY | os.O_CREAT, 0o644))
+    os.mkdir(d / "sub")
+    os.symlink("f0000", d / "link")
+    client = redis_server.client()
+
+    def lookups() -> int:
+        with open(m.path / ".stats") as f:
+            return json.load(f)["fuse_ops"].get("lookup", {}).get("count", 0)
+
+    time.sleep(1.1)   # the kernel's cached listing and attributes expire (1 s)
+    before = _hmget_calls(client)
+    with os.scandir(d) as it:
+        types = {e.name: (e.is_file(follow_symlinks=False), e.is_dir(follow_symlinks=False), e.is_symlink())
+                 for e in it}
+    fetched = _hmget_calls(client) - before
+    assert len(types) == n + 2
+    assert types["f0001"] == (True, False, False)
+    assert types["sub"] == (False, True, False) and types["link"] == (False, False, True)
+    # one batch for the first request (512 at most), none for the rest
+    assert fetched < n / 4, f"{fetched} HMGETs for a listing of {n + 2}"
+
+    time.sleep(1.1)
+    before = lookups()
+    out = subprocess.run(["ls", "-l", str(d)], capture_output=True, text=True, check=True).stdout
+    assert len(out.splitlines()) == n + 3   # "total" and the entries
+    assert lookups() - before < 10
+
+
 def test_no_xattr_mount_answers_xattrs_in_the_kernel(make_volume, mount_volume, tmp_dir):
     """--no-xattr: the first xattr query is answered "not implemented", the
     kernel answers every later one itself (`ls -l` and writes cost no xattr
@@ -153,8 +195,8 @@ def test_a_listing_repeated_within_the_attribute_timeout_comes_from_the_kernel(m
     within the attribute timeout of the daemon's last listing, the kernel
     serves it from its cache (no readdir reaches the daemon). A change made
     through this mount shows at once; after the timeout the listing is a
-    fresh readdirplus again, so another node's changes show as late as a
-    stat would show them."""
+    fresh one again, so another node's changes show as late as a stat
+    would show them."""
     import json
 
     vol = make_volume("file")

@@ -8,7 +8,9 @@
   still works as before;
 - ``FileInfo.noflush`` from ``open`` spares the FLUSH request at close;
 - ``main(spin_us=N)`` polls the device before it waits (the test file
-  system is served that way, so every test goes through that path).
+  system is served that way, so every test goes through that path);
+- ``Operations.enable_readdirplus_auto`` lets the kernel send plain
+  READDIR requests, which reach ``readdir`` with ``token.plus`` False.
 
 A tiny pyfuse3 file system (this file, run as a script) is mounted in a
 subprocess that logs every handler call as a JSON line; the tests count them.
@@ -41,15 +43,19 @@ ENOSPC_LENGTH = 12345  # fallocate() of this length fails with ENOSPC
 # name -> (inode, what opendir returns: "keep" = FileInfo(cache_readdir,
 # keep_cache), "nokeep" = FileInfo(cache_readdir, keep_cache=False), "int"
 # = a plain file handle as before the patch)
-DIRS = {b"cached": (2, "keep"), b"nokeep": (3, "nokeep"), b"plain": (4, "int")}
+DIRS = {b"cached": (2, "keep"), b"nokeep": (3, "nokeep"), b"plain": (4, "int"), b"many": (6, "int")}
 DIR_INODES = {ino: kind for ino, kind in DIRS.values()}
 CHILDREN = (b"a", b"b", b"c")
+# "many" holds MANY files, inodes MANY_BASE + 1...: listings of several requests
+MANY, MANY_BASE = 3000, 10_000
 
 
 # --------------------------------------------------------------------------
 # the file system (runs in the child process)
 
 class PatchFS(pyfuse3.Operations):
+    enable_readdirplus_auto = True
+
     def __init__(self, log_path: str) -> None:
         super().__init__()
         self.log = open(log_path, "a", buffering=1)
@@ -63,12 +69,13 @@ class PatchFS(pyfuse3.Operations):
         if ino == pyfuse3.ROOT_INODE or ino in DIR_INODES:
             a.st_mode = stat.S_IFDIR | 0o755
             a.st_nlink = 2
-        elif ino == FILE_INO or ino // 100 in DIR_INODES:
+        elif ino == FILE_INO or ino // 100 in DIR_INODES or MANY_BASE < ino <= MANY_BASE + MANY:
             a.st_mode = stat.S_IFREG | 0o644
             a.st_size = FILE_SIZE if ino == FILE_INO else 0
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
         a.st_ino = ino
+        a.st_blksize = 4096  # glibc's readdir then asks for 32 KiB at a time
         a.entry_timeout = a.attr_timeout = 300
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = 1_700_000_000 * 10**9
         return a
@@ -77,6 +84,8 @@ class PatchFS(pyfuse3.Operations):
         if ino == pyfuse3.ROOT_INODE:
             return sorted([(n, i) for n, (i, _) in DIRS.items()]
                           + [(b"file", FILE_INO)], key=lambda e: e[1])
+        if ino == 6:
+            return [(b"m%05d" % k, MANY_BASE + k) for k in range(1, MANY + 1)]
         return [(n, ino * 100 + k) for k, n in enumerate(CHILDREN, 1)]
 
     async def getattr(self, inode, ctx=None):
@@ -97,7 +106,7 @@ class PatchFS(pyfuse3.Operations):
                                 keep_cache=(kind == "keep"))
 
     async def readdir(self, fh, start_id, token):
-        self._log("readdir", fh, start_id)
+        self._log("readdir", fh, start_id, token.plus)
         for name, ino in self._children(fh - 1000):
             if ino <= start_id:
                 continue
@@ -260,7 +269,7 @@ def test_fallocate_zero_range(patchfs):
 
 
 def _readdirs(patchfs, ino: int) -> int:
-    return sum(1 for fh, _start in patchfs.calls("readdir") if fh == 1000 + ino)
+    return sum(1 for fh, *_ in patchfs.calls("readdir") if fh == 1000 + ino)
 
 
 def test_cache_readdir(patchfs):
@@ -301,3 +310,28 @@ def test_opendir_returning_int_still_works(patchfs):
 
 if __name__ == "__main__":
     serve(sys.argv[1], sys.argv[2])
+
+
+def _plus_flags(patchfs, since: int) -> list[bool]:
+    return [plus for fh, _start, plus in patchfs.calls("readdir")[since:] if fh == 1006]
+
+
+def test_readdirplus_auto(patchfs):
+    d = patchfs.mnt / "many"
+    # A plain listing: attributes only in the first request, then READDIR.
+    # The entries' types still arrive (d_type), without a stat.
+    before = len(patchfs.calls("readdir"))
+    with os.scandir(d) as it:
+        entries = [(e.name, e.inode(), e.is_file(follow_symlinks=False)) for e in it]
+    assert entries == [("m%05d" % k, MANY_BASE + k, True) for k in range(1, MANY + 1)]
+    plus = _plus_flags(patchfs, before)
+    assert len(plus) >= 3 and plus[0] and not any(plus[1:]), plus
+
+    # A listing whose entries are looked up as they come (ls -l): the kernel
+    # keeps asking for attributes.
+    before = len(patchfs.calls("readdir"))
+    with os.scandir(d) as it:
+        sizes = [os.stat(e.path).st_size for e in it]
+    assert sizes == [0] * MANY
+    plus = _plus_flags(patchfs, before)
+    assert len(plus) >= 3 and all(plus), plus

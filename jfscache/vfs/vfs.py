@@ -20,7 +20,7 @@ from typing import Awaitable, Callable
 import trio
 
 from ..layout import CHUNK_SIZE, MAX_FILE_SIZE, Segment, block_key, resolve, slice_block_keys
-from ..meta.engine import HEARTBEAT, ROOT_INODE, Attr, Meta, RedisUnavailable, Slice
+from ..meta.engine import HEARTBEAT, ROOT_INODE, TYPES, Attr, Meta, RedisUnavailable, Slice
 from ..cache.blocks import MissingBlock
 from ..metrics import Metrics
 from .compact import COMPACT_AT, SLOW_AT, compact_chunk
@@ -723,10 +723,13 @@ class VFS:
         this daemon served: a repeated `ls`, or a DataLoader's workers each
         listing the same directory, cost nothing, and another node's change
         shows as late as a stat would show it. Later, the listing is a fresh
-        readdirplus, which also refreshes every entry's attributes in
-        batches, so the stat pass of `ls -l` is served by the kernel. (A
-        cached listing brings no attributes: `ls -l` of 20,000 files after
-        they expired took 5.3 s, against 2.3 s after a readdirplus.)
+        one, and the kernel asks for attributes with it where it expects
+        lookups (readdir() for `ls -l`, readdir_names() for `ls`), so the
+        stat pass of `ls -l` is served by the kernel. (A cached listing
+        brings no attributes: `ls -l` of 20,000 files after they expired
+        took 5.3 s, against 2.3 s after a readdirplus. The same holds for
+        `ls -l` within a second of a plain `ls`: its stats are lookups,
+        fetched ahead in batches by _Pass.)
 
         With --readdir-cache, the kernel keeps a listing until this mount
         changes the directory, or its attributes expire and show a new
@@ -742,29 +745,11 @@ class VFS:
         """Entries from offset `start` of a snapshot taken when reading starts
         at offset 0, so offsets stay valid while the directory changes.
         Attributes are fetched `count` at a time and kept with the snapshot:
-        the kernel asks for a page of entries (a few dozen) per request."""
+        the kernel asks for ~200 entries per request (32 KiB, see
+        st_blksize in fuse/ops.py)."""
         h = self.handles[fh]
         if h.entries is None or start == 0:
-            taken = time.monotonic()
-            parent, ents = await self.meta.readdir(h.ino)
-            # In name order (Redis gives hash order): ls -l and programs that
-            # sort a listing then stat or open entries in the listing's own
-            # order, which fetches their attributes ahead (_Pass). Sorting
-            # 10,000 names takes ~3 ms of a ~300 ms listing.
-            ents.sort()
-            up = h.ino if h.ino == self.root else (parent or ROOT_INODE)  # nothing above a --subdir root
-            h.entries = [(b".", h.ino, "d"), (b"..", up, "d")] + ents
-            h.attrs = {}
-            if len(self._listed) + len(ents) > 1_000_000:
-                self._listed.clear()
-                self._listed_names.clear()
-                self._entries.clear()
-                self._listed_at.clear()
-            self._listed_at[h.ino] = taken
-            inos = _Pass([ino for _, ino, _ in ents])
-            names = _Pass([name for name, _, _ in ents])
-            self._listed.update((ino, (inos, i)) for i, ino in enumerate(inos.items))
-            self._listed_names.update(((h.ino, name), (names, i)) for i, name in enumerate(names.items))
+            await self._snapshot(h)
         out = []
         i, n = start, len(h.entries)
         while i < n and len(out) < count:
@@ -777,6 +762,39 @@ class VFS:
                 out.append((h.entries[i][0], self._overlay(a), i + 1))
             i += 1
         return out
+
+    async def readdir_names(self, fh: int, start: int, count: int = 256) -> list[tuple[bytes, int, int, int]]:
+        """Entries as (name, inode, file type bits of st_mode, next offset)
+        for a plain listing (no attributes: the kernel did not ask for them),
+        from the same snapshot as readdir()."""
+        h = self.handles[fh]
+        if h.entries is None or start == 0:
+            await self._snapshot(h)
+        return [(name, ino, TYPES[typ], i) for i, (name, ino, typ) in enumerate(h.entries[start:start + count], start + 1)]
+
+    async def _snapshot(self, h) -> None:
+        """Take the listing that offsets of this handle refer to, and
+        remember it for the passes that follow it (_Pass)."""
+        taken = time.monotonic()
+        parent, ents = await self.meta.readdir(h.ino)
+        # In name order (Redis gives hash order): ls -l and programs that
+        # sort a listing then stat or open entries in the listing's own
+        # order, which fetches their attributes ahead (_Pass). Sorting
+        # 10,000 names takes ~3 ms.
+        ents.sort()
+        up = h.ino if h.ino == self.root else (parent or ROOT_INODE)  # nothing above a --subdir root
+        h.entries = [(b".", h.ino, "d"), (b"..", up, "d")] + ents
+        h.attrs = {}
+        if len(self._listed) + len(ents) > 1_000_000:
+            self._listed.clear()
+            self._listed_names.clear()
+            self._entries.clear()
+            self._listed_at.clear()
+        self._listed_at[h.ino] = taken
+        inos = _Pass([ino for _, ino, _ in ents])
+        names = _Pass([name for name, _, _ in ents])
+        self._listed.update((ino, (inos, i)) for i, ino in enumerate(inos.items))
+        self._listed_names.update(((h.ino, name), (names, i)) for i, name in enumerate(names.items))
 
     async def releasedir(self, fh: int) -> None:
         self.handles.pop(fh, None)
