@@ -92,6 +92,48 @@ def test_stat_pass_after_a_listing_fetches_what_it_uses(make_volume, mount_volum
     assert per_stat < (3 if order == "sorted" else 10), f"{per_stat:.1f} HMGETs per stat ({order})"
 
 
+def test_shuffled_reads_after_a_listing_cost_one_round_trip_per_file(make_volume, mount_volume, redis_server):
+    """A DataLoader lists its directory, then opens and reads the files in
+    shuffled order. Each such file is one Redis command from the daemon: the
+    lookup script, which brings chunk 0's slices for the read. Looking a
+    listed name up through the listing's batch path with a window of one
+    entry had cost three (the entry, the attributes, then the slices at the
+    first read). Counted with MONITOR, without the commands scripts run."""
+    import random
+    import threading
+
+    m = mount_volume(make_volume("file"), None)
+    d = new_dir("shuffled", parent=m.path)
+    names = [f"f{i:04d}" for i in range(400)]
+    for name in names:
+        (d / name).write_bytes(name.encode())
+    assert sorted(os.listdir(d)) == names
+    time.sleep(1.1)   # the kernel's entries expire (1 s)
+    used = random.Random(3).sample(names, 100)
+
+    client = redis_server.client()
+    marker = "end-of-shuffled-pass"
+    seen: list[dict] = []
+    with client.monitor() as mon:
+        def collect():
+            while True:
+                c = mon.next_command()
+                if marker in c["command"]:
+                    return
+                if c.get("client_type") != "lua":
+                    seen.append(c)
+        t = threading.Thread(target=collect, daemon=True)
+        t.start()
+        time.sleep(0.2)
+        for name in used:
+            assert (d / name).read_bytes() == name.encode()
+        redis_server.client().echo(marker)
+        t.join(timeout=30)
+    assert not t.is_alive()
+    per_file = len(seen) / len(used)
+    assert per_file < 1.6, f"{per_file:.2f} commands per file: {[c['command'] for c in seen[:12]]}"
+
+
 def test_a_plain_listing_fetches_few_attributes_and_ls_l_still_gets_them(make_volume, mount_volume, redis_server):
     """The kernel asks for attributes (READDIRPLUS) in the first request of
     a listing and where it expects lookups, and for names only (READDIR)

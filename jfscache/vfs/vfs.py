@@ -352,12 +352,17 @@ class VFS:
                 # cache (its entries expired): look the next names up too.
                 names, i = listed
                 batch = names.batch(i)
-                known = self._entries.setdefault(parent, {})
-                attrs = await self.meta.lookup_many(parent, batch)
-                self._keep_ahead(attrs)
-                for n, a in zip(batch, attrs):
-                    if a is not None:
-                        known[n] = (now, a.ino)
+                # One name (a pass in another order, e.g. a DataLoader's
+                # shuffled one): the lookup script below is one round trip
+                # and brings chunk 0's slices for open(); lookup_many is two,
+                # and the first read then fetched the slices in a third.
+                if len(batch) > 1:
+                    known = self._entries.setdefault(parent, {})
+                    attrs = await self.meta.lookup_many(parent, batch)
+                    self._keep_ahead(attrs)
+                    for n, a in zip(batch, attrs):
+                        if a is not None:
+                            known[n] = (now, a.ino)
             seen = self._entries.get(parent, {}).get(name)
         if seen is not None and now - seen[0] < self.opts.entry_timeout:
             got = self._ahead.get(seen[1])
