@@ -69,3 +69,27 @@ def test_redis_outage_gives_eio_then_recovers(own_redis, mounts, tmp_dir):
     assert "Traceback" not in log, log[-3000:]
     assert log.count("is unreachable") == 1, log[-3000:]
     assert "reachable again" in log
+
+
+def test_an_idle_connection_that_redis_closed_is_not_used(own_redis):
+    """A pooled connection that Redis closed while it sat idle (a restart,
+    a client timeout, CLIENT KILL) is found closed before a request goes out
+    on it: a non-idempotent command then goes out on a new connection and
+    succeeds, instead of failing as "may or may not have been applied"."""
+    import trio
+
+    from jfscache.meta.redisio import Redis
+
+    async def main():
+        r = Redis(own_redis.url(3))
+        try:
+            await r.execute("SET", "counter", 1)
+            cid = await r.execute("CLIENT", "ID")          # the one idle connection now
+            own_redis.client(3).client_kill_filter(_id=cid)
+            await trio.sleep(0.2)                          # its FIN arrives
+            assert await r.execute("INCR", "counter") == 2
+            assert await r.execute("CLIENT", "ID") != cid
+        finally:
+            await r.aclose()
+
+    trio.run(main)
