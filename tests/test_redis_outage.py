@@ -93,3 +93,32 @@ def test_an_idle_connection_that_redis_closed_is_not_used(own_redis):
             await r.aclose()
 
     trio.run(main)
+
+
+def test_read_many_packs_as_hiredis_does(own_redis):
+    """Meta.getattrs packs its HMGETs once per listing batch with
+    KeyedCommand: the bytes must be hiredis's, replies the same, and a
+    command that writes is refused (read_many resends after a lost reply)."""
+    import hiredis
+    import trio
+
+    from jfscache.meta import lua
+    from jfscache.meta.redisio import KeyedCommand, Redis
+
+    cmd = KeyedCommand("HMGET", *lua.ATTR_FIELDS)
+    for key in (b"i1", b"i18446744073709551615", "ключ".encode()):
+        assert cmd.pack(key) == hiredis.pack_command(("HMGET", key, *lua.ATTR_FIELDS))
+    with pytest.raises(ValueError):
+        KeyedCommand("HSET", "mode", "1")
+
+    async def main():
+        r = Redis(own_redis.url(4))
+        try:
+            await r.execute("HSET", "i7", "type", "f", "mode", "420")
+            keys = [b"i7", b"i8"]
+            assert await r.read_many(cmd, keys) == await r.pipeline([("HMGET", k, *lua.ATTR_FIELDS) for k in keys])
+            assert await r.read_many(cmd, []) == []
+        finally:
+            await r.aclose()
+
+    trio.run(main)

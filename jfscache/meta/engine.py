@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..layout import CHUNK_SIZE, MAX_FILE_SIZE
 from . import lua
-from .redisio import Redis, RedisError, RedisUnavailable
+from .redisio import KeyedCommand, Redis, RedisError, RedisUnavailable
 
 ROOT_INODE = 1
 NAME_MAX = 255
@@ -28,6 +28,7 @@ SESSION_TIMEOUT = 300  # seconds without heartbeat before a session is reaped
 HEARTBEAT = 12
 
 TYPES = {"f": 0o100000, "d": 0o040000, "l": 0o120000, "p": 0o010000, "c": 0o020000, "b": 0o060000, "s": 0o140000}
+_HMGET_ATTRS = KeyedCommand("HMGET", *lua.ATTR_FIELDS)  # Meta.getattrs
 
 _SLICE = struct.Struct(">IQIII")  # pos in chunk, slice id, slice size, offset in slice, length
 
@@ -367,7 +368,7 @@ class Meta:
 
     async def getattrs(self, inos: list[int]) -> list[Attr | None]:
         """Attributes of many inodes in one round trip (None for vanished ones)."""
-        replies = await self.r.pipeline([("HMGET", f"i{i}", *lua.ATTR_FIELDS) for i in inos])
+        replies = await self.r.read_many(_HMGET_ATTRS, [b"i%d" % i for i in inos])
         return [Attr.from_fields(i, v) if v[0] is not None else None for i, v in zip(inos, replies)]
 
     # ---- data -------------------------------------------------------------

@@ -429,6 +429,17 @@ class Redis:
                 raise RedisError(str(r))
         return replies
 
+    async def read_many(self, cmd: "KeyedCommand", keys: list[bytes]) -> list:
+        """The same read-only command on many keys, in one round trip;
+        error replies are raised."""
+        if not keys:
+            return []
+        replies = await self._run(b"".join(map(cmd.pack, keys)), len(keys), True, False)
+        for r in replies:
+            if isinstance(r, hiredis.ReplyError):
+                raise RedisError(str(r))
+        return replies
+
     async def eval(self, script: Script, keys: list, args: list):
         cmd = ("EVALSHA", script.sha, len(keys), *keys, *args)
         mutates = not script.read_only
@@ -442,6 +453,22 @@ class Redis:
 
     async def aclose(self):
         self._drop_idle()
+
+
+class KeyedCommand:
+    """A read-only command whose arguments after the key never change (an
+    HMGET of the attribute fields), packed once: packing it per key with
+    hiredis.pack_command took ~4 us, a quarter of a listing's attribute
+    fetch per entry."""
+
+    def __init__(self, name: str, *tail: str):
+        if name.upper().encode() not in _READ_ONLY:
+            raise ValueError(f"{name} is not a read-only command")
+        self._head = b"*%d\r\n$%d\r\n%s\r\n" % (len(tail) + 2, len(name), name.encode())
+        self._tail = b"".join(b"$%d\r\n%s\r\n" % (len(t), t.encode()) for t in tail)
+
+    def pack(self, key: bytes) -> bytes:
+        return b"%s$%d\r\n%s\r\n%s" % (self._head, len(key), key, self._tail)
 
 
 def _name(cmd: tuple) -> bytes:
