@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import threading
 
 import pytest
 
@@ -100,3 +102,61 @@ def test_master_killed_mid_workload(strict, sentinel_group, mounts, tmp_dir):
     if strict:
         assert not lost, f"fsync'd files lost in strict mode: {lost}"
     assert "Traceback" not in m.log_text()
+
+
+class _ScriptedSentinel:
+    """A Sentinel that names `answers[i]` as the master on its i-th query
+    (the last one from then on): a failover that completes between a
+    client's question and its connection, which real Sentinels make rare
+    and a loaded machine makes happen (CI saw it once)."""
+
+    def __init__(self, answers: list[int]):
+        self.answers, self.queries = answers, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with c:
+                c.recv(4096)  # one SENTINEL MASTER per connection, as redisio asks
+                port = self.answers[min(self.queries, len(self.answers) - 1)]
+                self.queries += 1
+                fields = ["name", "jfsmaster", "ip", "127.0.0.1", "port", str(port), "config-epoch", "1"]
+                c.sendall(f"*{len(fields)}\r\n".encode()
+                          + b"".join(f"${len(f)}\r\n{f}\r\n".encode() for f in fields))
+
+
+def test_a_master_the_sentinels_left_while_we_connected_is_not_used(tmp_dir):
+    """The restarted old master answers ROLE as a master, empty, for ~10 s
+    until the Sentinels make it a replica: a connection made to it in that
+    window would serve ENOENT for the whole tree. So the Sentinels are asked
+    again once the connection is up."""
+    import trio
+
+    from jfscache.meta.redisio import Redis
+
+    old, new = free_port(), free_port()
+    procs = [_redis(["--port", str(p), "--bind", "127.0.0.1", "--save", ""], tmp_dir) for p in (old, new)]
+    try:
+        wait_for(lambda: _cli(old, "ping") == "PONG" and _cli(new, "ping") == "PONG", what="two Redis servers")
+        _cli(new, "set", "volume", "here")
+        sentinel = _ScriptedSentinel([old, new])
+
+        async def main():
+            r = Redis(f"redis://jfsmaster,127.0.0.1:{sentinel.port}/0", timeout=10)
+            try:
+                return await r.execute("GET", "volume")
+            finally:
+                await r.aclose()
+
+        assert trio.run(main) == b"here"
+        assert sentinel.queries >= 3, sentinel.queries  # old, then new twice (before and after connecting)
+        sentinel.sock.close()
+    finally:
+        for p in procs:
+            stop_process(p, signal.SIGKILL)

@@ -240,6 +240,7 @@ class Redis:
         self._password = os.environ.get("META_PASSWORD") or opts.get("password")
         self._tls = _tls_context(url)
         self._sentinel = _sentinels(url)
+        self._master_addr: tuple[str, int] | None = None  # the last one connected to, for the log
         # Strict mode (--meta-wait-replicas): each mutation is followed, in
         # the same round trip, by WAIT for this many replicas.
         self.wait_replicas = 0
@@ -286,6 +287,19 @@ class Redis:
                         # A failover in progress: the Sentinels still name a replica.
                         await stream.aclose()
                         raise RedisUnavailable(f"Redis at {self.where}: the Sentinels' master is a replica now")
+                if self._sentinel:
+                    if await self._master() != (host, port):
+                        # Asked again once connected: a failover that completed
+                        # in between would leave us on the old master, which,
+                        # restarted, answers ROLE as a master (stale or empty)
+                        # for ~10 s until the Sentinels make it a replica.
+                        await stream.aclose()
+                        raise RedisUnavailable(f"Redis at {self.where}: the Sentinels moved the master "
+                                               f"away from {host}:{port} while we connected")
+                    if (host, port) != self._master_addr:
+                        log.log(logging.INFO if self._master_addr is None else logging.WARNING,
+                                "Redis master '%s' is at %s:%d", self._sentinel[0], host, port)
+                        self._master_addr = (host, port)
                 return conn
         except trio.TooSlowError:
             raise RedisUnavailable(f"Redis at {self.where} does not answer (timed out after {self._connect_timeout:g} s)") from None
