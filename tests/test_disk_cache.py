@@ -83,7 +83,7 @@ def test_add_declines_when_the_queue_is_full_but_add_wait_does_not(tmp_path, mon
 
 
 def test_an_index_written_with_64_kib_pieces_still_verifies(tmp_path, monkeypatch):
-    """Cache dirs written before the pieces became 32 KiB stay usable: the
+    """Cache dirs written before the pieces became 16 KiB stay usable: the
     piece size follows from the number of hashes."""
     import jfscache.cache.disk as disk_mod
     rng = random.Random(2)

@@ -36,13 +36,13 @@ log = logging.getLogger("jfscache.cache.disk")
 
 # Index value: size, last access (unix seconds), then one xxh64 per PIECE of
 # the block, so that a small read verifies (and reads) only the pieces it
-# touches instead of the whole 4 MiB block. open + pread of one piece from a
-# cache file after drop_caches, medians of 3 x 2,000: 4 KiB 77 us, 16 KiB 93,
-# 32 KiB 111, 64 KiB (the size before) 154. 32 KiB and not 16: 16 KiB pieces
-# make the index value 2 KiB, which LMDB moves to an overflow page of its own,
-# one more page to read for each block whose index entry is not in memory.
+# touches instead of the whole 4 MiB block. 16 KiB: a random 4 KiB read from
+# a cache file not in the page cache took 94-103 us at 16 KiB and 153-158 us
+# at 64 KiB (the size before; 80-86 us at 4 KiB, whose hashes would cost a
+# sequential read 4 x the calls). Its price: 2 KiB of hashes per 4 MiB block,
+# an LMDB overflow page of its own.
 _HEAD = struct.Struct(">Qd")
-PIECE = 32 << 10
+PIECE = 16 << 10
 _OLD_PIECE = 64 << 10  # cache dirs written before 2026-12-03: still read
 _QUEUE_LIMIT = 64 << 20  # bytes waiting to be written before adds are dropped (they count in RSS)
 # How long a block fetched from the store may wait for room in the queue.
