@@ -80,27 +80,3 @@ def test_add_declines_when_the_queue_is_full_but_add_wait_does_not(tmp_path, mon
         d.close()
 
     trio.run(main)
-
-
-def test_an_index_written_with_64_kib_pieces_still_verifies(tmp_path, monkeypatch):
-    """Cache dirs written before the pieces became 16 KiB stay usable: the
-    piece size follows from the number of hashes."""
-    import jfscache.cache.disk as disk_mod
-    rng = random.Random(2)
-    size = (4 << 20) - 5000
-    data = rng.randbytes(size)
-    path = str(tmp_path / "b")
-    monkeypatch.setattr(disk_mod, "PIECE", 64 << 10)
-    index = _HEAD.pack(size, 0.0) + _write_file(path, data)
-    monkeypatch.undo()
-    assert len(index) - _HEAD.size == 8 * 64
-    for _ in range(50):
-        off = rng.randrange(size)
-        end = rng.randint(off + 1, min(size, off + 200_000))
-        assert _read_verified(path, size, index, off, end) == data[off:end]
-    with open(path, "r+b") as f:  # one flipped byte fails its 64 KiB piece, and only it
-        f.seek(5 * 65536 + 1)
-        f.write(bytes([data[5 * 65536 + 1] ^ 1]))
-    assert _read_verified(path, size, index, 5 * 65536 + 40_000, 5 * 65536 + 40_010) is None
-    assert _read_verified(path, size, index, 4 * 65536, 5 * 65536) == data[4 * 65536:5 * 65536]
-    assert _read_verified(path, size, index[:-8], 0, 10) is None  # a hash missing: neither size fits

@@ -36,14 +36,9 @@ log = logging.getLogger("jfscache.cache.disk")
 
 # Index value: size, last access (unix seconds), then one xxh64 per PIECE of
 # the block, so that a small read verifies (and reads) only the pieces it
-# touches instead of the whole 4 MiB block. 16 KiB: a random 4 KiB read from
-# a cache file not in the page cache took 94-103 us at 16 KiB and 153-158 us
-# at 64 KiB (the size before; 80-86 us at 4 KiB, whose hashes would cost a
-# sequential read 4 x the calls). Its price: 2 KiB of hashes per 4 MiB block,
-# an LMDB overflow page of its own.
+# touches instead of the whole 4 MiB block.
 _HEAD = struct.Struct(">Qd")
-PIECE = 16 << 10
-_OLD_PIECE = 64 << 10  # cache dirs written before 2026-12-03: still read
+PIECE = 64 << 10
 _QUEUE_LIMIT = 64 << 20  # bytes waiting to be written before adds are dropped (they count in RSS)
 # How long a block fetched from the store may wait for room in the queue.
 # Seen before it existed: a cold read at ~700 MB/s outran the writer (its
@@ -361,20 +356,17 @@ def _read_verified(path: str, size: int, index_value: bytes, off: int, end: int)
     """Bytes [off, end) of a cached block, reading and checking only the pieces
     they lie in; None if the file or any of those pieces is not as indexed."""
     hashes = memoryview(index_value)[_HEAD.size:]
-    # The piece size follows from the number of hashes (for blocks of one
-    # piece either size reads the same).
-    piece = next((p for p in (PIECE, _OLD_PIECE) if len(hashes) == 8 * ((size + p - 1) // p)), None)
-    if piece is None:
+    if len(hashes) != 8 * ((size + PIECE - 1) // PIECE):
         return None
-    first, last = off // piece, max(off, end - 1) // piece
-    start = first * piece
+    first, last = off // PIECE, max(off, end - 1) // PIECE
+    start = first * PIECE
     with open(path, "rb", buffering=0) as f:
         if os.fstat(f.fileno()).st_size != size:
             return None
-        data = os.pread(f.fileno(), min(size, (last + 1) * piece) - start, start)
+        data = os.pread(f.fileno(), min(size, (last + 1) * PIECE) - start, start)
     mv = memoryview(data)
     for i in range(first, last + 1):
-        if xxhash.xxh64_digest(mv[(i - first) * piece:(i - first + 1) * piece]) != hashes[8 * i:8 * i + 8]:
+        if xxhash.xxh64_digest(mv[(i - first) * PIECE:(i - first + 1) * PIECE]) != hashes[8 * i:8 * i + 8]:
             return None
     if off == start and end - start == len(data):
         return data
