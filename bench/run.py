@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="jfscache --mem-cache-size, MiB (default 256)")
     ap.add_argument("--step-timeout", type=float,
                     help="seconds before a step is aborted by killing its daemon (default 900, quick 180)")
+    ap.add_argument("--redis-unix", action="store_true",
+                    help="both targets reach Redis through its unix socket instead of loopback TCP")
     ap.add_argument("--juicefs-args", default="", help="extra 'juicefs mount' arguments (one string)")
     ap.add_argument("--jfscache-args", default="", help="extra 'jfscache mount' arguments (one string)")
     ap.add_argument("--jfscache-cmd", default=None,
@@ -200,6 +202,7 @@ def main(argv=None) -> int:
         "config": dataclasses.asdict(cfg),
         "cache_mib": args.cache_mib,
         "mem_cache_mib": args.mem_cache_mib,
+        "redis_unix": args.redis_unix,
         "groups": groups,
         "machine": machine_info(),
         "versions": {},
@@ -225,7 +228,8 @@ def main(argv=None) -> int:
         log(f"workdir {workdir}; results -> {json_path}")
         redis = Redis(procs, workdir)
         redis.start()
-        log(f"redis-server on 127.0.0.1:{redis.port}")
+        redis.unix = args.redis_unix
+        log(f"redis-server on 127.0.0.1:{redis.port}" + (f", targets use {redis.socket}" if redis.unix else ""))
         s3 = SeaweedS3(procs, workdir, weed_bin)
         buckets = {"jfscache": "jfscache-bench", "juicefs": "juicefs-bench"}
         t0 = time.monotonic()

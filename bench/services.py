@@ -170,10 +170,13 @@ class Redis:
         self.dir = workdir / "redis"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.socket = self.dir / "redis.sock"  # also served: `bench.run --redis-unix`
+        self.unix = False  # url() names the socket instead of the TCP port
         self.proc: Proc | None = None
 
     def start(self) -> None:
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--unixsocket", str(self.socket), "--unixsocketperm", "700",
                 "--dir", str(self.dir), "--databases", "64", "--save", "",
                 "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no"]
         self.proc = self.procs.start("redis", argv, stop_timeout=10)
@@ -194,7 +197,8 @@ class Redis:
             return False
 
     def url(self, db: int) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+        # The same form for both targets: JuiceFS reads unix://PATH?db=N too.
+        return f"unix://{self.socket}?db={db}" if self.unix else f"redis://127.0.0.1:{self.port}/{db}"
 
     def version(self) -> str:
         cp = run(["redis-server", "--version"], check=False)
