@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ import click
 
 from . import __version__
 from .config import CONFIG_ENV, META_URL_ENV, add_envvars
+from .fsutil import mount_type
 
 
 class Failure(Exception):
@@ -438,14 +441,19 @@ add_envvars(mount)
 
 def _recover_stale(mountpoint: str) -> None:
     """A daemon that was killed leaves its FUSE mount behind, answering
-    ENOTCONN to everything: unmount it (lazily, as nothing can be flushed
-    any more) so that this mount can take its place, and say so."""
+    ENOTCONN to everything: unmount it so that this mount can take its
+    place, and say so."""
     try:
         os.stat(mountpoint)
         return
     except OSError as e:
         if e.errno != errno.ENOTCONN:
             return
+    _unmount_stale(mountpoint)
+
+
+def _unmount_stale(mountpoint: str) -> None:
+    """Unmount a dead daemon's mount, lazily: nothing can be flushed any more."""
     exe = shutil.which("fusermount3") or shutil.which("fusermount")
     r = subprocess.run([exe, "-uz", mountpoint] if exe else ["umount", "-l", mountpoint],
                        capture_output=True, text=True)
@@ -524,22 +532,59 @@ def umount(mountpoint, force, no_wait):
     until its daemon has exited: it uploads what write-back staged first, so
     that a mount with the same cache dir can follow at once."""
     mountpoint = os.path.abspath(mountpoint)
-    if not os.path.ismount(mountpoint):
+    if mount_type(mountpoint) is None:
         raise Failure(f"{mountpoint} is not mounted")
-    pid = None
-    if not no_wait:
-        from .monitor import read_snapshot
-        try:
-            pid = int(read_snapshot(mountpoint)["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # not ours, or an older daemon, or not answering: nothing to wait for
+    state, pid = _ask_daemon(mountpoint)
+    if state == "stale":
+        _unmount_stale(mountpoint)
+        return
+    if state == "hung":
+        click.echo(f"jfscache: the daemon of {mountpoint} has not answered for {_ASK_TIMEOUT:g} s (hung, or "
+                   "stopped): unmounting without waiting for it; what it had not flushed is lost", err=True)
     exe = shutil.which("fusermount3") or shutil.which("fusermount")
     cmd = [exe, "-u"] + (["-z"] if force else []) + [mountpoint] if exe else ["umount", mountpoint]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise Failure((r.stderr.strip().splitlines() or [f"unmounting {mountpoint} failed"])[-1])
-    if pid is not None and not force:  # (a lazy unmount ends when the last user leaves)
+    if pid is not None and not force and not no_wait:  # (a lazy unmount ends when the last user leaves)
         _wait_exit(pid)
+
+
+_ASK_TIMEOUT = 10.0
+
+
+def _ask_daemon(mountpoint: str) -> tuple[str, int | None]:
+    """("ok", the daemon's pid or None if it does not say), ("stale", None)
+    for a mount whose daemon died, or ("hung", None) if it does not answer.
+    Asked from a child process: a request to a hung daemon blocks the asker
+    in the kernel, keeping the mount busy, until it is killed."""
+    from .monitor import read_snapshot
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # (the CLI runs no threads, so a fork is safe)
+        try:
+            os.close(r)
+            try:
+                reply = b"%d" % int(read_snapshot(mountpoint)["pid"])
+            except OSError as e:
+                reply = b"stale" if e.errno == errno.ENOTCONN else b""
+            except (ValueError, KeyError, TypeError):
+                reply = b""  # not ours, or an older daemon: nothing to wait for
+            os.write(w, reply)
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        if not select.select([r], [], [], _ASK_TIMEOUT)[0]:
+            os.kill(child, signal.SIGKILL)
+            return "hung", None
+        reply = os.read(r, 64)
+    finally:
+        os.close(r)
+        os.waitpid(child, 0)
+    if reply == b"stale":
+        return "stale", None
+    return "ok", int(reply) if reply else None
 
 
 def _wait_exit(pid: int) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 
 def write_atomic(path: str, tmp: str, data, *, fsync: bool) -> None:
@@ -49,3 +50,17 @@ def hold_lock(path: str, what: str, owner: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, owner.encode(), 0)
     return fd
+
+
+def mount_type(path: str) -> str | None:
+    """The type of the file system mounted exactly at `path` (absolute), from
+    /proc/self/mountinfo; None if nothing is. The mount itself is never
+    touched: a stat would hang on a hung FUSE daemon, and fail on a dead one."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:  # the last match is the one on top
+            parts = line.split()
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
+            if point == path:
+                found = parts[parts.index("-") + 1]
+    return found

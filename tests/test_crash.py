@@ -1,10 +1,13 @@
 """A daemon killed with SIGKILL in the middle of a workload: every file
 fsync'd before the kill has exactly its content after a remount, the tree is
-consistent, and the next `mount` finds and clears the stale mount point."""
+consistent, and the next `mount` (or `umount`) finds and clears the stale
+mount point. `umount` also ends a mount whose daemon hangs."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
+import time
 
 import pytest
 
@@ -78,3 +81,36 @@ def test_stale_mount_point_is_recovered(make_volume, mounts):
     assert "stale mount" in r.stderr
     assert (m.path / "f").read_bytes() == b"kept"
     assert_ok(run_cli("umount", m.path))
+
+
+def test_umount_clears_a_killed_daemons_mount(make_volume, mounts):
+    """Before, `jfscache umount` said "not mounted" here once the kernel's
+    cached attributes of the root had expired: it asked os.path.ismount,
+    whose stat then failed (ENOTCONN)."""
+    vol = make_volume("file")
+    m = mounts.mount(vol)
+    m.proc.kill()
+    m.proc.wait()
+    time.sleep(1.5)  # past --attr-timeout (1 s): as a user who comes back later
+    r = run_cli("umount", m.path)
+    assert_ok(r)
+    assert "stale mount" in r.stderr
+    assert not is_mounted(m.path)
+
+
+def test_umount_ends_a_mount_whose_daemon_hangs(make_volume, mounts):
+    """A stopped daemon answers nothing; `umount` used to hang in its stat of
+    the mount point. It now asks from a child process, gives up after 10 s,
+    says so, and unmounts."""
+    vol = make_volume("file")
+    m = mounts.mount(vol)
+    (m.path / "f").write_bytes(b"x")
+    os.kill(m.proc.pid, signal.SIGSTOP)
+    try:
+        r = run_cli("umount", m.path, timeout=60)  # (it hung for good before)
+        assert_ok(r)
+        assert "has not answered" in r.stderr, r.stderr
+        assert not is_mounted(m.path)
+    finally:
+        os.kill(m.proc.pid, signal.SIGCONT)
+    m.proc.wait(timeout=30)  # its device is gone: it ends on its own
