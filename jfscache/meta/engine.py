@@ -402,19 +402,26 @@ class Meta:
         """Members ("<ino>:<length>") of files whose data waits to be deleted."""
         return await self.r.execute("ZRANGE", "delfiles", 0, limit - 1)
 
-    async def file_chunks(self, ino: int, limit: int = 100) -> list[tuple[bytes, list[Slice]]]:
-        """Up to `limit` of a deleted file's remaining chunks: (index, slices)."""
-        idx = await self.r.execute("ZRANGE", f"k{ino}", 0, limit - 1)
-        lists = await self.r.pipeline([("LRANGE", f"c{ino}_".encode() + i, 0, -1) for i in idx])
-        return [(i, [Slice.unpack(b) for b in raw]) for i, raw in zip(idx, lists)]
+    async def files_chunks(self, inos: list[int], limit: int = 100) -> list[list[tuple[bytes, list[Slice]]]]:
+        """For each deleted file, up to `limit` of its remaining chunks as
+        (index, slices): two round trips for the whole batch."""
+        idxs = await self.r.pipeline([("ZRANGE", f"k{ino}", 0, limit - 1) for ino in inos])
+        lists = iter(await self.r.pipeline([("LRANGE", f"c{ino}_".encode() + i, 0, -1)
+                                            for ino, idx in zip(inos, idxs) for i in idx]))
+        return [[(i, [Slice.unpack(b) for b in next(lists)]) for i in idx] for idx in idxs]
 
-    async def forget_chunks(self, ino: int, idx: list[bytes]) -> None:
-        await self.r.pipeline([("DEL", *[f"c{ino}_".encode() + i for i in idx]), ("ZREM", f"k{ino}", *idx)])
+    async def forget_chunks(self, done: list[tuple[int, list[bytes]]]) -> None:
+        """Forget chunks whose data is gone: (inode, chunk indexes) each."""
+        await self.r.pipeline([cmd for ino, idx in done if idx
+                               for cmd in (("DEL", *[f"c{ino}_".encode() + i for i in idx]), ("ZREM", f"k{ino}", *idx))])
 
-    async def forget_file(self, member: bytes, ino: int) -> None:
-        """The file's data is gone: drop its entry (unless chunks remain)."""
-        if not await self.r.execute("EXISTS", f"k{ino}"):
-            await self.r.execute("ZREM", "delfiles", member)
+    async def forget_files(self, files: list[tuple[bytes, int]]) -> None:
+        """The files' data is gone: drop their entries ((member, inode) each),
+        except where chunks remain (a late commit), for the next pass."""
+        left = await self.r.pipeline([("EXISTS", f"k{ino}") for _, ino in files])
+        gone = [member for (member, _), n in zip(files, left) if not n]
+        if gone:
+            await self.r.execute("ZREM", "delfiles", *gone)
 
     async def take_cut_chunks(self, limit: int = 100) -> list[tuple[bytes, list[Slice]]]:
         """Claim up to `limit` chunk lists cut off by truncates: (key, slices).
