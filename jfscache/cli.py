@@ -367,11 +367,15 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
         ctx = click.get_current_context()
         meta_url = os.environ.get(META_URL_ENV) or (ctx.default_map or {}).get("meta_url")
     mountpoint = os.path.abspath(mountpoint)
-    _recover_stale(mountpoint)
+    if mount_type(mountpoint) is not None:
+        # (asked as umount asks: a stat of a hung daemon's mount would hang)
+        state, _ = _ask_daemon(mountpoint)
+        if state != "stale":
+            why = ", whose daemon does not answer" if state == "hung" else ""
+            raise Failure(f"{mountpoint} is already a mount point{why} (unmount it first: jfscache umount {mountpoint})")
+        _unmount_stale(mountpoint)  # a killed daemon's: this mount takes its place
     if not os.path.isdir(mountpoint):
         raise Failure(f"mount point {mountpoint} does not exist or is not a directory")
-    if os.path.ismount(mountpoint):
-        raise Failure(f"{mountpoint} is already a mount point (unmount it first: jfscache umount {mountpoint})")
     if not os.path.exists("/dev/fuse"):
         raise Failure("/dev/fuse is missing: load the fuse module or install fuse3")
     if metrics_listen:
@@ -437,19 +441,6 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
 
 
 add_envvars(mount)
-
-
-def _recover_stale(mountpoint: str) -> None:
-    """A daemon that was killed leaves its FUSE mount behind, answering
-    ENOTCONN to everything: unmount it so that this mount can take its
-    place, and say so."""
-    try:
-        os.stat(mountpoint)
-        return
-    except OSError as e:
-        if e.errno != errno.ENOTCONN:
-            return
-    _unmount_stale(mountpoint)
 
 
 def _unmount_stale(mountpoint: str) -> None:

@@ -99,14 +99,18 @@ def test_umount_clears_a_killed_daemons_mount(make_volume, mounts):
 
 
 def test_umount_ends_a_mount_whose_daemon_hangs(make_volume, mounts):
-    """A stopped daemon answers nothing; `umount` used to hang in its stat of
-    the mount point. It now asks from a child process, gives up after 10 s,
-    says so, and unmounts."""
+    """A stopped daemon answers nothing; `umount` (and `mount` on the same
+    point) used to hang in a stat of the mount point. They now ask from a
+    child process and give up after 10 s: `mount` refuses, `umount` says so
+    and unmounts."""
     vol = make_volume("file")
     m = mounts.mount(vol)
     (m.path / "f").write_bytes(b"x")
     os.kill(m.proc.pid, signal.SIGSTOP)
     try:
+        # A second mount there is refused, and says why, instead of hanging too.
+        r = run_cli("mount", vol.meta_url, m.path, "--cache-dir", m.cache_dir, env=vol.env, timeout=60)
+        assert r.returncode == 1 and "already a mount point, whose daemon does not answer" in r.stderr, r.stderr
         r = run_cli("umount", m.path, timeout=60)  # (it hung for good before)
         assert_ok(r)
         assert "has not answered" in r.stderr, r.stderr
