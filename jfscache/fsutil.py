@@ -52,15 +52,21 @@ def hold_lock(path: str, what: str, owner: str) -> int:
     return fd
 
 
-def mount_type(path: str) -> str | None:
-    """The type of the file system mounted exactly at `path` (absolute), from
-    /proc/self/mountinfo; None if nothing is. The mount itself is never
-    touched: a stat would hang on a hung FUSE daemon, and fail on a dead one."""
-    found = None
+def mountinfo() -> list[tuple[str, str, str]]:
+    """(mount point, major:minor, fs type) of every mount, from
+    /proc/self/mountinfo. No mount is touched: a stat would hang on a hung
+    FUSE daemon, and fail on a dead one."""
+    out = []
     with open("/proc/self/mountinfo") as f:
-        for line in f:  # the last match is the one on top
+        for line in f:
             parts = line.split()
             point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
-            if point == path:
-                found = parts[parts.index("-") + 1]
-    return found
+            out.append((point, parts[2], parts[parts.index("-") + 1]))
+    return out
+
+
+def mount_type(path: str) -> str | None:
+    """The type of the file system mounted exactly at `path` (absolute);
+    None if nothing is. Where mounts are stacked, the one on top (listed last)."""
+    types = [fstype for point, _, fstype in mountinfo() if point == path]
+    return types[-1] if types else None

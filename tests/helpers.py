@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from jfscache import fsutil
+
 MiB = 1 << 20
 NOBODY_UID = 65534
 NOBODY_GID = 65534
@@ -248,19 +250,7 @@ def call_with_timeout(fn: Callable, timeout: float, default=None):
 # --------------------------------------------------------------------------
 # mounts, from /proc/self/mountinfo (never stat()s the mount itself)
 
-def _unescape(s: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-
-
-def mountinfo() -> list[tuple[str, str, str]]:
-    """(mount point, major:minor, fs type) of every mount."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            sep = parts.index("-")
-            out.append((_unescape(parts[4]), parts[2], parts[sep + 1]))
-    return out
+mountinfo = fsutil.mountinfo  # (mount point, major:minor, fs type) of every mount
 
 
 # Only os.path.abspath here: realpath() would lstat the mount point, which
