@@ -443,11 +443,18 @@ def mount(args, cache_dirs, cache_size, free_space_ratio, mem_cache_size, buffer
 add_envvars(mount)
 
 
+def _fuse_unmount(mountpoint: str, lazy: bool) -> subprocess.CompletedProcess:
+    """fusermount3 -u (-z when lazy), or umount (-l) without it."""
+    exe = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmd = [exe, "-u"] if exe else ["umount"]
+    if lazy:
+        cmd.append("-z" if exe else "-l")
+    return subprocess.run([*cmd, mountpoint], capture_output=True, text=True)
+
+
 def _unmount_stale(mountpoint: str) -> None:
     """Unmount a dead daemon's mount, lazily: nothing can be flushed any more."""
-    exe = shutil.which("fusermount3") or shutil.which("fusermount")
-    r = subprocess.run([exe, "-uz", mountpoint] if exe else ["umount", "-l", mountpoint],
-                       capture_output=True, text=True)
+    r = _fuse_unmount(mountpoint, lazy=True)
     if r.returncode != 0:
         raise Failure(f"{mountpoint} is a stale mount of a daemon that died, and unmounting it failed: "
                       f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -532,9 +539,7 @@ def umount(mountpoint, force, no_wait):
     if state == "hung":
         click.echo(f"jfscache: the daemon of {mountpoint} has not answered for {_ASK_TIMEOUT:g} s (hung, or "
                    "stopped): unmounting without waiting for it; what it had not flushed is lost", err=True)
-    exe = shutil.which("fusermount3") or shutil.which("fusermount")
-    cmd = [exe, "-u"] + (["-z"] if force else []) + [mountpoint] if exe else ["umount", mountpoint]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = _fuse_unmount(mountpoint, lazy=force)
     if r.returncode != 0:
         raise Failure((r.stderr.strip().splitlines() or [f"unmounting {mountpoint} failed"])[-1])
     if pid is not None and not force and not no_wait:  # (a lazy unmount ends when the last user leaves)
